@@ -1,0 +1,36 @@
+# kanerva-lab. On a fresh machine the only two commands you need are `make demo` and `make test`:
+# both create the virtual environment (.venv) first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KM := $(VENV)/bin/km
+# Data: KM_DATA_DIR if set, else ../shared/data (resolved by the data modules).
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-cpu.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (first time: about 2 minutes) ..."
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@touch $@
+
+demo: setup
+	$(KM) train experiment=demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check km datamodules tests bench
+
+bench: setup
+	$(PY) bench/data.py
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,126 @@
+"""The `km` command.
+
+    km train [overrides...]            e.g. km train model=vae data=mnist trainer.max_epochs=5 seed=1
+    km train resume=<run dir | checkpoint | auto> [trainer.max_epochs=N]
+    km eval <run dir | checkpoint> [--split test] [--is-samples N] [overrides...]
+    km data check [NAME...]            verify the local data files (md5)
+    km data download NAME [--dir D]    fetch official files (needs internet) into the local layout
+    km config [overrides...]           print the resolved config
+
+Bad input (unknown config keys or options, missing data, incompatible checkpoints) prints one
+line starting with 'error:' and exits with code 2; a run stopped by a NaN loss exits with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from km.config import compose_config
+    from km.train import train
+
+    cfg = compose_config(args.overrides)
+    summary = train(cfg, args.overrides)
+    ev = summary.get("eval")
+    print(f"run: {summary['run_dir']}")
+    if summary.get("samples"):
+        print(f"samples: {summary['samples']}")
+    if ev:
+        m = ev["metrics"]
+        key = f"{ev['split']}/neg_elbo"
+        print(f"{key}: {m[key]:.3f} {ev['unit']}")
+        for k, v in m.items():
+            if "nll_is" in k:
+                print(f"{k}: {v:.3f} {ev['unit']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from km.evaluate import evaluate
+
+    ev = evaluate(args.target, split=args.split, is_samples=args.is_samples, overrides=args.overrides)
+    print(f"wrote {ev['run_dir']}/eval.json")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from km.config import compose_config, to_yaml
+
+    print(to_yaml(compose_config(args.overrides)), end="")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from datamodules import DATAMODULES, resolve_data_dir
+
+    names = args.names or sorted(DATAMODULES)
+    for n in names:
+        if n not in DATAMODULES:
+            _fail(f"unknown data set '{n}'; valid: {', '.join(sorted(DATAMODULES))}")
+    if args.action == "download":
+        from datamodules.download import download
+
+        root = resolve_data_dir(args.dir, must_exist=False) if args.dir else resolve_data_dir(None, must_exist=False)
+        for n in names:
+            download(n, root)
+            print(f"{n}: downloaded into {root}")
+        return
+    for n in names:
+        dm = DATAMODULES[n](data_dir=args.dir)
+        dm.verify()
+        print(f"{n}: ok ({dm.data_dir})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="km", description="kanerva-lab: Kanerva Machine experiments")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (Hydra overrides)")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run on the test episodes")
+    e.add_argument("target", help="run directory or checkpoint")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--is-samples", type=int, default=None, help="importance samples (default: the run's eval.is_samples)")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("config", help="print the resolved config")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=cmd_config)
+    d = sub.add_parser("data", help="check or download data sets")
+    d.add_argument("action", choices=["check", "download"])
+    d.add_argument("names", nargs="*")
+    d.add_argument("--dir", default=None, help="data directory (default: KM_DATA_DIR, then ../shared/data)")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    from km.config import ConfigError
+    from km.runs import RunError
+
+    try:
+        from datamodules import DataError
+    except ImportError:  # pragma: no cover
+        DataError = RunError  # type: ignore[misc,assignment]
+    from km.models import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except (ConfigError, RunError, DataError) as e:
+        _fail(str(e))
+    except NonFiniteLossError as e:
+        _fail(f"training stopped: {e}. The last good checkpoint is kept; "
+              "lower model.lr or add trainer.gradient_clip_val, then continue with resume=<run dir>", code=3)
+    except KeyboardInterrupt:
+        _fail("interrupted; continue with: km train resume=<run dir>", code=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Typed run configuration: Hydra composition over structured (dataclass) schemas.
+
+`compose_config(overrides)` composes `configs/config.yaml` with the groups
+`model/ data/ trainer/ logger/ experiment/` and command-line overrides, then re-types the
+result against the dataclasses below, so a typo anywhere fails fast with a one-line
+`ConfigError` that lists the valid keys or options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from km.models import MODELS
+from km.nets import NetConfig
+
+GROUPS = ("model", "data", "trainer", "logger", "experiment")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line, meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | omniglot | cifar10
+    data_dir: Optional[str] = None  # None: KM_DATA_DIR, then ../shared/data
+    episode_length: int = 32  # T
+    batch_size: int = 16  # B episodes per batch
+    episodes: str = "iid"  # iid | class
+    classes_per_episode: int = 4
+    train_episodes_per_epoch: Optional[int] = None  # None: the whole training split
+    val_episodes: Optional[int] = None  # None: every full episode of the split
+    test_episodes: Optional[int] = None
+    val_size: Optional[int] = None  # None: the data set's default
+    binarize: str = "static"  # static | dynamic (training only)
+    image_size: int = 28  # omniglot: 28 or 32
+    eval_seed: int = 0  # order of val/test episodes: the same for every model and run
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    gradient_clip_val: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    num_sanity_val_steps: int = 1
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    progress_bar: str = "auto"  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
+    num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    project: str = "kanerva-lab"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/neg_elbo"
+    save_top_k: int = 1
+    every_n_epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    is_samples: int = 100  # importance samples of the test NLL estimate (0: skip it)
+    split: str = "test"
+
+
+@dataclass
+class Config:
+    model: Any = None  # a model's dataclass, chosen by model.name (see km.models.MODELS)
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "default"  # experiment name: runs go to <runs_dir>/<name>/<run_id>/
+    run_id: Optional[str] = None  # None: a fresh time-stamped id
+    runs_dir: str = "runs"
+    seed: int = 0
+    resume: Optional[str] = None  # run dir | checkpoint | auto
+    test_after_fit: bool = True
+
+
+def config_dir() -> Path:
+    """The `configs/` folder: KM_CONFIG_DIR, else the one beside the `km` package."""
+    env = os.environ.get("KM_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+
+
+def _keys(node: Any) -> list[str]:
+    if is_dataclass(node):
+        return [f.name for f in fields(node)]
+    return sorted(node.keys()) if isinstance(node, (dict, DictConfig)) else []
+
+
+def typed(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a plain config into the schemas; unknown keys and bad types raise ConfigError."""
+    plain = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    model_name = OmegaConf.select(plain, "model.name", default=None)
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown model '{model_name}'; valid models: {', '.join(sorted(MODELS))}")
+    schema = OmegaConf.structured(Config)
+    schema.model = OmegaConf.structured(MODELS[model_name][1])
+    try:
+        merged = OmegaConf.merge(schema, plain)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, schema)) from None
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = ", ".join(_keys(node))
+        where = f"under '{parent}'" if parent else "at top level"
+        return f"unknown config key '{key}'; valid keys {where}: {valid}"
+    return f"bad value for '{key}': {msg}" if key else msg
+
+
+def _group_options(group: str) -> list[str]:
+    d = config_dir() / group
+    return sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")) if d.is_dir() else []
+
+
+def _precheck(overrides: list[str]) -> None:
+    """Catch the common mistakes before Hydra, with a message naming the valid choices."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value")
+        key, value = ov.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            opts = _group_options(key)
+            if value not in opts and value != "null":
+                raise ConfigError(f"unknown {key} '{value}'; valid options: {', '.join(opts)}")
+
+
+def register_schemas() -> None:
+    """Put the dataclasses into Hydra's ConfigStore: `config_schema` for the primary config and
+    `<model>_schema` in group `model`, which the yaml files list first in their defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, (_, cfg_cls) in MODELS.items():
+        cs.store(group="model", name=f"{name}_schema", node=cfg_cls)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose configs/config.yaml with overrides (Hydra syntax) and type-check the result."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    _precheck(overrides)
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_hydra_message(e, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return typed(cfg)
+
+
+def _hydra_message(e: Exception, overrides: list[str]) -> str:
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        base = compose_config([o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS])
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        if isinstance(node, DictConfig):
+            where = f"under '{parent}'" if parent else "at top level"
+            return f"unknown config key '{key}'; valid keys {where}: {', '.join(_keys(node))}"
+    cause = e.__cause__ or e
+    key = re.search(r"full_key: (\S+)", str(cause))
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else text
+    return f"bad value for '{key.group(1)}': {first}" if key else first
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply dotted key=value overrides to an existing (e.g. saved) config, type-checked."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value")
+        if ov.split("=", 1)[0] in GROUPS:
+            raise ConfigError(f"'{ov}': a resumed run keeps its {ov.split('=')[0]}; start a new run to change it")
+    try:
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, cfg)) from None
+    return merged
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

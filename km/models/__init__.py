@@ -1,0 +1,15 @@
+"""Model registry: name -> (LightningModule class, config dataclass).
+
+A new model plugs in by adding one line here and one `configs/model/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, NonFiniteLossError
+from km.models.vae import VAE, VAEConfig
+
+MODELS: dict[str, tuple[type[EpisodeModel], type[ModelConfig]]] = {
+    "vae": (VAE, VAEConfig),
+}
+
+__all__ = ["MODELS", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]

@@ -1,0 +1,81 @@
+"""VAE baseline on the shared nets.
+
+The VAE has no memory: an episode is T independent images, so it is evaluated on exactly
+the same episodes as the memory models. q(z|x) = N(mu(e(x)), diag sigma^2(e(x))),
+p(z) = N(0, I), x ~ p(x | decoder(z)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.nets import NetConfig
+
+
+@dataclass
+class VAEConfig(ModelConfig):
+    name: str = "vae"
+    lr: float = 1e-3
+    code_dim: int = 64
+
+
+class VAE(EpisodeModel):
+    def __init__(self, cfg: VAEConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
+        super().__init__(cfg, net, image_shape, likelihood)
+        self.q_z = nn.Linear(self.encoder.out_dim, 2 * cfg.code_dim)  # -> (mu, log sigma)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, C, H, W) -> mu, log_sigma: (B, T, C_z)."""
+        mu, log_sigma = self.q_z(self.encode_images(x)).chunk(2, dim=-1)
+        return mu, log_sigma.clamp(-10, 5)
+
+    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
+        self.check_episodes(x, self.image_shape)
+        mu, log_sigma = self.posterior(x)
+        z = mu + torch.randn_like(mu) * log_sigma.exp()  # (B, T, C_z) reparameterised
+        recon = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,)
+        kl = 0.5 * (mu**2 + (2 * log_sigma).exp() - 1 - 2 * log_sigma).sum(-1).mean(1)  # (B,)
+        neg_elbo = recon + kl
+        return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts={"kl_z": kl})
+
+    def write(self, x: torch.Tensor) -> None:
+        return None  # no memory
+
+    def read(self, x: torch.Tensor, memory: None = None) -> torch.Tensor:
+        mu, _ = self.posterior(x)
+        return self.decode_codes(mu)
+
+    def generate(self, memory: None, n: int, batch: int = 1) -> torch.Tensor:
+        z = torch.randn(batch, n, self.cfg.code_dim, device=self.device)
+        b, t = z.shape[:2]
+        return self.lik.mean(self.decode_codes(z).flatten(0, 1)).view(b, t, *self.image_shape)
+
+    def denoise(self, x: torch.Tensor, memory: None, iters: int) -> list[torch.Tensor]:
+        chain = []
+        for _ in range(iters):
+            b, t = x.shape[:2]
+            x = self.lik.mean(self.read(x).flatten(0, 1)).view(b, t, *self.image_shape)
+            chain.append(x)
+        return chain
+
+    @torch.no_grad()
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, chunk: int = 25) -> torch.Tensor:
+        """log p(x) ~= logmeanexp_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)], per image, mean over T."""
+        mu, log_sigma = self.posterior(x)  # (B, T, C_z)
+        log_w = []
+        for s0 in range(0, samples, chunk):
+            s = min(chunk, samples - s0)
+            eps = torch.randn(s, *mu.shape, device=mu.device)  # (S, B, T, C_z)
+            z = mu + eps * log_sigma.exp()
+            log_q = (-0.5 * eps**2 - log_sigma - 0.5 * math.log(2 * math.pi)).sum(-1)
+            log_p = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+            params = self.decode_codes(z.flatten(0, 1))  # (S*B, T, ...)
+            log_px = self.log_px(params, x.repeat(s, 1, 1, 1, 1)).view(s, *mu.shape[:2])
+            log_w.append(log_px + log_p - log_q)
+        log_w = torch.cat(log_w)  # (S, B, T)
+        return (torch.logsumexp(log_w, 0) - math.log(samples)).mean(1)

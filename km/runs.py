@@ -1,0 +1,132 @@
+"""Run directories: where a run lives, how to find its checkpoints, atomic file writes.
+
+runs/<name>/<run_id>/
+    config.yaml        resolved config (what `resume` reloads)
+    run.json           run metadata (W&B id, status, created/updated, last error)
+    checkpoints/       last.ckpt + best-*.ckpt
+    samples/           PNG grids, one per validation epoch
+    metrics.csv        every logged metric (CSVLogger, always on)
+    eval.json          `km eval` results
+    wandb/             W&B files (offline runs: `wandb sync runs/<name>/<run_id>/wandb/offline-run-*`)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunError(RuntimeError):
+    """A problem with a run directory or checkpoint: one-line message for the user."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "run.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def write_meta(run_dir: Path, **updates: Any) -> dict[str, Any]:
+    meta = read_meta(run_dir) | updates | {"updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
+    return meta
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    p = run_dir / "checkpoints" / "last.ckpt"
+    return p if p.exists() else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    return best[-1] if best else last_checkpoint(run_dir)
+
+
+def locate(target: str | Path) -> tuple[Path, Path]:
+    """A run dir or a checkpoint file -> (run_dir, checkpoint). Prefers the best checkpoint."""
+    p = Path(target)
+    if p.is_file():
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        return run_dir, p
+    if p.is_dir():
+        ckpt = best_checkpoint(p)
+        if ckpt is None:
+            raise RunError(f"no checkpoint in {p}/checkpoints/ (has the run finished an epoch?)")
+        return p, ckpt
+    raise RunError(f"no such run directory or checkpoint: {p}")
+
+
+def resolve_resume(resume: str, runs_dir: Path, name: str, run_id: str | None) -> tuple[Path, Path] | None:
+    """`resume=<run dir | checkpoint | auto>` -> (run_dir, checkpoint to continue from).
+
+    auto: the run `run_id` if given, else the newest run of experiment `name`, if it has a
+    last checkpoint; None (start fresh) otherwise.
+    """
+    if resume == "auto":
+        if run_id:
+            cands = [runs_dir / name / run_id]
+        else:
+            cands = sorted((runs_dir / name).glob("*/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
+            cands = [c.parent.parent for c in cands[-1:]]
+        for d in cands:
+            if last_checkpoint(d):
+                return d, last_checkpoint(d)
+        return None
+    p = Path(resume)
+    if p.is_file():
+        return (p.parent.parent if p.parent.name == "checkpoints" else p.parent), p
+    if p.is_dir():
+        ckpt = last_checkpoint(p)
+        if ckpt is None:
+            raise RunError(f"cannot resume {p}: no checkpoints/last.ckpt (the run never finished an epoch)")
+        return p, ckpt
+    raise RunError(f"cannot resume: no such run directory or checkpoint: {p}")
+
+
+def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Drop metrics.csv rows logged after the checkpoint we resume from (epoch > last_epoch)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+    keep = [r for r in rows if not r.get("epoch") or int(float(r["epoch"])) <= last_epoch]
+    tmp = path.with_name(".metrics.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(keep)
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_metrics(run_dir: Path, key: str) -> dict[int, float]:
+    """{epoch: value} of one epoch-level metric from metrics.csv."""
+    out = {}
+    for r in read_metrics(run_dir):
+        if r.get(key):
+            out[int(float(r["epoch"]))] = float(r[key])
+    return out

@@ -1,0 +1,224 @@
+"""`km train`: build data, model, loggers and trainer from a config; fit; resume; test.
+
+The one place a run is assembled. Models only implement `EpisodeModel`; data modules only
+serve episodes; everything about run directories, checkpoints and logging happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from km.callbacks import AtomicCheckpointIO, DebugSigkill, EpochSeed, EpochSummary, SampleGrid, seed_all
+from km.config import apply_overrides, to_yaml, typed
+from km.models import MODELS, EpisodeModel
+from km.runs import (
+    RunError, atomic_write_text, last_checkpoint, new_run_id, resolve_resume, truncate_metrics, write_meta,
+)
+
+
+def quiet_lightning() -> None:
+    """Keep the console for our own messages: Lightning's tips and PossibleUserWarnings off."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*is deprecated.*", category=DeprecationWarning)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    import inspect
+
+    from datamodules import DATAMODULES
+
+    from km.config import ConfigError, DataConfig
+
+    cls = DATAMODULES.get(cfg.data.name)
+    if cls is None:
+        raise ConfigError(f"unknown data set '{cfg.data.name}'; valid: {', '.join(sorted(DATAMODULES))}")
+    accepted = {n for c in cls.__mro__ for n in inspect.signature(c.__init__).parameters} if cls else set()
+    kw: dict[str, Any] = {}
+    for k, v in OmegaConf.to_container(cfg.data, resolve=True).items():
+        if k == "name" or (k == "val_size" and v is None):
+            continue
+        if k in accepted:
+            kw[k] = v
+        elif v != getattr(DataConfig, k):
+            raise ConfigError(f"data.{k}={v} does not apply to {cfg.data.name}")
+    return cls(seed=cfg.seed, **kw)
+
+
+def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: str) -> EpisodeModel:
+    cls, cfg_cls = MODELS[cfg.model.name]
+    model_cfg = cfg_cls(**OmegaConf.to_container(cfg.model, resolve=True))
+    net = OmegaConf.to_object(cfg.net)
+    model = cls(model_cfg, net, image_shape, likelihood)
+    model.km_config = OmegaConf.to_container(cfg, resolve=True)
+    model.is_samples = cfg.eval.is_samples
+    return model
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(cfg_mode: str | None) -> str:
+    """Explicit config > WANDB_MODE > online iff credentials are present, else offline."""
+    if cfg_mode:
+        return cfg_mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if _wandb_has_credentials() else "offline"
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    mode = wandb_mode(cfg.logger.mode) if cfg.logger.wandb else "disabled"
+    if mode == "disabled" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return loggers
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    def make(m: str) -> WandbLogger:
+        os.environ["WANDB_MODE"] = m
+        lg = WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{cfg.run_id}",
+            id=wandb_id, save_dir=str(run_dir), offline=(m == "offline"), resume="allow",
+            tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(console="off", init_timeout=60, silent=True),
+        )
+        _ = lg.experiment  # start now so a failure falls back here, not mid-training
+        return lg
+
+    try:
+        lg = make(mode)
+    except Exception as e:  # noqa: BLE001 - W&B must never stop a run
+        print(f"W&B {mode} failed ({type(e).__name__}: {str(e)[:120]}); logging offline instead", file=sys.stderr)
+        lg = make("offline")
+    loggers.append(lg)
+    return loggers
+
+
+def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConfig, Path, Path | None]:
+    """Decide the run directory and whether we continue from a checkpoint."""
+    runs_dir = Path(cfg.runs_dir)
+    resumed = resolve_resume(cfg.resume, runs_dir, cfg.name, cfg.run_id) if cfg.resume else None
+    if resumed:
+        run_dir, ckpt = resumed
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise RunError(f"cannot resume {run_dir}: config.yaml is missing")
+        keep = [o for o in (overrides or []) if o.split("=", 1)[0].lstrip("+~") not in ("resume", "run_id", "name")]
+        cfg = apply_overrides(typed(OmegaConf.load(saved)), keep)
+        cfg.resume = None
+        return cfg, run_dir, ckpt
+    if cfg.run_id is None:
+        cfg.run_id = new_run_id()
+    run_dir = runs_dir / cfg.name / cfg.run_id
+    if last_checkpoint(run_dir):
+        raise RunError(f"{run_dir} already holds a run; continue it with resume={run_dir} or pick another run_id")
+    return cfg, run_dir, None
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict."""
+    quiet_lightning()
+    cfg, run_dir, ckpt = prepare_run(cfg, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    meta = write_meta(run_dir, status="running", name=cfg.name, run_id=cfg.run_id, model=cfg.model.name,
+                      data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
+    wandb_id = meta.get("wandb_id") or cfg.run_id.replace("-", "")
+    write_meta(run_dir, wandb_id=wandb_id)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+    seed_all(cfg.seed)
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm.image_shape, dm.likelihood)
+    start_epoch = 0
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        start_epoch = int(state.get("epoch", -1)) + 1
+        truncate_metrics(run_dir, start_epoch - 1)
+        print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
+
+    trainer, grid = make_trainer(cfg, run_dir, wandb_id)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    except BaseException as e:
+        last = last_checkpoint(run_dir)
+        write_meta(run_dir, status="failed", error=f"{type(e).__name__}: {e}",
+                   last_good_checkpoint=str(last) if last else None)
+        _finish_wandb(trainer, failed=True)
+        raise
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}
+    summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    _finish_wandb(trainer)
+    if cfg.test_after_fit and trainer.is_global_zero:
+        from km.evaluate import evaluate
+
+        summary["eval"] = evaluate(run_dir, split=cfg.eval.split, is_samples=cfg.eval.is_samples, model=model)
+    write_meta(run_dir, status="finished", error=None)
+    return summary
+
+
+def _finish_wandb(trainer: pl.Trainer, failed: bool = False) -> None:
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
+            lg._experiment.finish(exit_code=1 if failed else 0)
+            if lg._offline:
+                print(f"W&B offline run saved; upload later with: wandb sync {lg._experiment.dir.rsplit('/files', 1)[0]}",
+                      file=sys.stderr)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trainer, SampleGrid]:
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+    t = cfg.trainer
+    grid = SampleGrid(run_dir / "samples")
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=cfg.checkpoint.monitor, mode="min", save_top_k=cfg.checkpoint.save_top_k, save_last=True,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+        ),
+        EpochSeed(cfg.seed),
+        grid,
+    ]
+    bar = t.progress_bar if t.progress_bar != "auto" else ("rich" if sys.stderr.isatty() else "none")
+    if bar == "rich":
+        callbacks.append(RichProgressBar())
+    else:
+        callbacks.append(EpochSummary())
+    if os.environ.get("KM_DEBUG_SIGKILL_AT_STEP"):
+        callbacks.append(DebugSigkill(int(os.environ["KM_DEBUG_SIGKILL_AT_STEP"])))
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        gradient_clip_val=t.gradient_clip_val, limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic, callbacks=callbacks, logger=make_loggers(cfg, run_dir, wandb_id),
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=(bar == "rich"), enable_model_summary=False,
+        default_root_dir=str(run_dir), use_distributed_sampler=False,
+    )
+    return trainer, grid
