@@ -103,7 +103,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class EpochSummary(pl.Callback):
     KEYS = ("train/loss", "val/neg_elbo", "val/recon", "val/kl")
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -113,6 +113,7 @@ class EpochSummary(pl.Callback):
         parts = [f"{k} {m[k].item():.3f}" for k in self.KEYS if k in m]
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} | " + " | ".join(parts)
               + f" | {time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
+        self.t0 = time.time()
 
 
 class DebugSigkill(pl.Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,19 +28,33 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line, meant for the user."""
 
 
+class Choice(str, Enum):
+    """String options checked at config time (str mixin: members compare equal to strings)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Episodes = Choice("Episodes", [("iid", "iid"), ("class", "class")])  # "class" is a keyword: functional API
+Binarize = Choice("Binarize", {"static": "static", "dynamic": "dynamic"})
+ProgressBar = Choice("ProgressBar", {"auto": "auto", "rich": "rich", "none": "none"})
+WandbMode = Choice("WandbMode", {"online": "online", "offline": "offline", "disabled": "disabled"})
+Split = Choice("Split", {"test": "test", "val": "val"})
+
+
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | omniglot | cifar10
     data_dir: Optional[str] = None  # None: KM_DATA_DIR, then ../shared/data
     episode_length: int = 32  # T
     batch_size: int = 16  # B episodes per batch
-    episodes: str = "iid"  # iid | class
+    episodes: Episodes = Episodes.iid  # iid | class
     classes_per_episode: int = 4
     train_episodes_per_epoch: Optional[int] = None  # None: the whole training split
     val_episodes: Optional[int] = None  # None: every full episode of the split
     test_episodes: Optional[int] = None
     val_size: Optional[int] = None  # None: the data set's default
-    binarize: str = "static"  # static | dynamic (training only)
+    binarize: Binarize = Binarize.static  # static | dynamic (training only)
     image_size: int = 28  # omniglot: 28 or 32
     eval_seed: int = 0  # order of val/test episodes: the same for every model and run
 
@@ -58,7 +73,7 @@ class TrainerConfig:
     num_sanity_val_steps: int = 1
     log_every_n_steps: int = 10
     deterministic: bool = False
-    progress_bar: str = "auto"  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
+    progress_bar: ProgressBar = ProgressBar.auto  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
     num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
 
 
@@ -67,7 +82,7 @@ class LoggerConfig:
     wandb: bool = True
     project: str = "kanerva-lab"
     entity: Optional[str] = None
-    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in
+    mode: Optional[WandbMode] = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in
     tags: list[str] = field(default_factory=list)
 
 
@@ -81,7 +96,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     is_samples: int = 100  # importance samples of the test NLL estimate (0: skip it)
-    split: str = "test"
+    split: Split = Split.test
 
 
 @dataclass
@@ -209,13 +224,31 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
     return f"bad value for '{key.group(1)}': {first}" if key else first
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Apply dotted key=value overrides to an existing (e.g. saved) config, type-checked."""
+def group_choices(overrides: list[str]) -> dict[str, str]:
+    """The config-group choices among overrides, e.g. {"model": "km", "data": "mnist"}."""
+    pairs = (o.split("=", 1) for o in overrides if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if k.lstrip("+~") in GROUPS}
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, str] | None = None) -> DictConfig:
+    """Apply dotted key=value overrides to an existing (e.g. saved) config, type-checked.
+
+    Group choices (model=..., data=...) cannot change a saved config: one equal to the saved
+    choice (`choices`, or the model/data name) is accepted as a no-op, any other is an error.
+    """
+    saved = {"model": cfg.model.name, "data": cfg.data.name, **(choices or {})}
+    dotted = []
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value")
-        if ov.split("=", 1)[0] in GROUPS:
-            raise ConfigError(f"'{ov}': a resumed run keeps its {ov.split('=')[0]}; start a new run to change it")
+        key, value = ov.split("=", 1)
+        if key.lstrip("+~") in GROUPS:
+            if saved.get(key.lstrip("+~")) != value:
+                raise ConfigError(f"'{ov}': this run was made with {key}={saved.get(key, 'its default')}; "
+                                  "start a new run to change it")
+            continue
+        dotted.append(ov)
+    overrides = dotted
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
@@ -224,4 +257,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain resolved dict (enums as their strings)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -35,20 +35,29 @@ def load_run(target: str | Path, overrides: list[str] | None = None, map_locatio
     cfg = apply_overrides(typed(saved), overrides or [])
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm.image_shape, dm.likelihood)
-    missing, unexpected = _compatible(model, state.get("state_dict", {}))
-    if missing or unexpected:
-        raise RunError(f"checkpoint {ckpt} does not match model '{cfg.model.name}' as configured: "
-                       f"{len(missing)} missing ({', '.join(missing[:3])}), {len(unexpected)} unexpected/mismatched "
-                       f"({', '.join(unexpected[:3])})")
+    problem = _incompatibility(model, state.get("state_dict", {}))
+    if problem:
+        raise RunError(f"checkpoint {ckpt} does not match model '{cfg.model.name}' as configured: {problem}")
     model.load_state_dict(state["state_dict"])
     return cfg, run_dir, ckpt, dm, model
 
 
-def _compatible(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def _incompatibility(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str | None:
+    """None if the state dict loads into the model, else a short description of why not."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
-    bad = [k for k in sd if k not in own or own[k].shape != sd[k].shape]
-    return missing, bad
+    extra = [k for k in sd if k not in own]
+    shapes = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensors differ in shape (e.g. {k}: checkpoint {tuple(sd[k].shape)} "
+                     f"vs model {tuple(own[k].shape)})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+    return "; ".join(parts) or None
 
 
 def evaluate(target: str | Path, split: str = "test", is_samples: int | None = None,

@@ -6,6 +6,7 @@ serve episodes; everything about run directories, checkpoints and logging happen
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import sys
@@ -18,10 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from km.callbacks import AtomicCheckpointIO, DebugSigkill, EpochSeed, EpochSummary, SampleGrid, seed_all
-from km.config import apply_overrides, to_yaml, typed
+from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
 from km.models import MODELS, EpisodeModel
 from km.runs import (
-    RunError, atomic_write_text, last_checkpoint, new_run_id, resolve_resume, truncate_metrics, write_meta,
+    RunError, atomic_write_text, last_checkpoint, new_run_id, read_meta, resolve_resume, truncate_metrics, write_meta,
 )
 
 
@@ -47,7 +48,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         raise ConfigError(f"unknown data set '{cfg.data.name}'; valid: {', '.join(sorted(DATAMODULES))}")
     accepted = {n for c in cls.__mro__ for n in inspect.signature(c.__init__).parameters} if cls else set()
     kw: dict[str, Any] = {}
-    for k, v in OmegaConf.to_container(cfg.data, resolve=True).items():
+    for k, v in to_dict(cfg.data).items():
         if k == "name" or (k == "val_size" and v is None):
             continue
         if k in accepted:
@@ -59,10 +60,10 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: str) -> EpisodeModel:
     cls, cfg_cls = MODELS[cfg.model.name]
-    model_cfg = cfg_cls(**OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = cfg_cls(**to_dict(cfg.model))
     net = OmegaConf.to_object(cfg.net)
     model = cls(model_cfg, net, image_shape, likelihood)
-    model.km_config = OmegaConf.to_container(cfg, resolve=True)
+    model.km_config = to_dict(cfg)
     model.is_samples = cfg.eval.is_samples
     return model
 
@@ -91,8 +92,20 @@ def wandb_mode(cfg_mode: str | None) -> str:
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     from pytorch_lightning.loggers import CSVLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-    mode = wandb_mode(cfg.logger.mode) if cfg.logger.wandb else "disabled"
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it."""
+
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    csv_logger._experiment = AppendingWriter(log_dir=str(run_dir))
+    loggers: list[Any] = [csv_logger]
+    mode = wandb_mode(str(cfg.logger.mode) if cfg.logger.mode else None) if cfg.logger.wandb else "disabled"
     if mode == "disabled" or os.environ.get("LOCAL_RANK", "0") != "0":
         return loggers
     import wandb
@@ -103,7 +116,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
         lg = WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{cfg.run_id}",
             id=wandb_id, save_dir=str(run_dir), offline=(m == "offline"), resume="allow",
-            tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+            tags=list(cfg.logger.tags), config=to_dict(cfg),
             settings=wandb.Settings(console="off", init_timeout=60, silent=True),
         )
         _ = lg.experiment  # start now so a failure falls back here, not mid-training
@@ -128,7 +141,7 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         if not saved.exists():
             raise RunError(f"cannot resume {run_dir}: config.yaml is missing")
         keep = [o for o in (overrides or []) if o.split("=", 1)[0].lstrip("+~") not in ("resume", "run_id", "name")]
-        cfg = apply_overrides(typed(OmegaConf.load(saved)), keep)
+        cfg = apply_overrides(typed(OmegaConf.load(saved)), keep, read_meta(run_dir).get("choices"))
         cfg.resume = None
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
@@ -147,6 +160,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     meta = write_meta(run_dir, status="running", name=cfg.name, run_id=cfg.run_id, model=cfg.model.name,
                       data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
+    if ckpt is None:
+        meta = write_meta(run_dir, choices=group_choices(overrides or []))
     wandb_id = meta.get("wandb_id") or cfg.run_id.replace("-", "")
     write_meta(run_dir, wandb_id=wandb_id)
     if cfg.trainer.num_threads:
@@ -205,7 +220,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trai
         EpochSeed(cfg.seed),
         grid,
     ]
-    bar = t.progress_bar if t.progress_bar != "auto" else ("rich" if sys.stderr.isatty() else "none")
+    bar = str(t.progress_bar) if t.progress_bar != "auto" else ("rich" if sys.stderr.isatty() else "none")
     if bar == "rich":
         callbacks.append(RichProgressBar())
     else:

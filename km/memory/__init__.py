@@ -1,0 +1,23 @@
+"""Memory modules for Kanerva Machine models (plain torch)."""
+
+from km.memory.kanerva import (
+    KanervaMemory,
+    MemoryState,
+    kl_matrix_normal,
+    read,
+    safe_cholesky,
+    sample,
+    write_batched,
+    write_online,
+)
+
+__all__ = [
+    "KanervaMemory",
+    "MemoryState",
+    "kl_matrix_normal",
+    "read",
+    "safe_cholesky",
+    "sample",
+    "write_batched",
+    "write_online",
+]

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real data directory and a tiny, fast run configuration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _data_dir() -> Path | None:
+    if os.environ.get("KM_DATA_DIR"):
+        return Path(os.environ["KM_DATA_DIR"])
+    p = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+DATA_DIR = _data_dir()
+needs_data = pytest.mark.skipif(DATA_DIR is None, reason="real data not found: set KM_DATA_DIR (CI always does)")
+
+
+def tiny(tmp_path: Path, *extra: str, model: str = "vae", data: str = "mnist") -> list[str]:
+    """Overrides for a run that takes a few seconds on 2 CPU cores."""
+    return [
+        f"model={model}", f"data={data}", "logger=csv", f"runs_dir={tmp_path / 'runs'}",
+        f"data.data_dir={DATA_DIR}", "data.episode_length=8", "data.batch_size=4",
+        "data.train_episodes_per_epoch=32", "data.val_episodes=16", "data.test_episodes=16",
+        "net.channels=[8,16,16]", "net.embed_dim=32", "model.code_dim=16",
+        "trainer.max_epochs=2", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=2",
+        "trainer.progress_bar=none", "eval.is_samples=4", "seed=3", *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
+    monkeypatch.setenv("WANDB_SILENT", "true")

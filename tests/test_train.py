@@ -1,0 +1,159 @@
+"""Runs: the VAE learns on real MNIST, the CLI end to end, exact resume, kill-and-resume,
+NaN stop with the last good checkpoint kept, atomic checkpoints, incompatible checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from km.callbacks import AtomicCheckpointIO
+from km.cli import main
+from km.config import compose_config
+from km.models import VAE, NonFiniteLossError
+from km.runs import epoch_metrics, read_meta
+from km.train import train
+from tests.conftest import DATA_DIR, needs_data, tiny
+
+pytestmark = needs_data
+
+
+def _km(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "km.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    for key in ("val/neg_elbo", "val/recon", "val/kl", "train/loss_epoch"):
+        ma, mb = epoch_metrics(a, key), epoch_metrics(b, key)
+        assert ma and ma == mb, (key, ma, mb)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_vae_loss_falls_on_real_mnist(tmp_path: Path) -> None:
+    cfg = compose_config(tiny(tmp_path, "trainer.max_epochs=3", "data.train_episodes_per_epoch=64",
+                              "model.lr=3e-3", "test_after_fit=false"))
+    run_dir = Path(train(cfg)["run_dir"])
+    val = epoch_metrics(run_dir, "val/neg_elbo")
+    assert sorted(val) == [0, 1, 2]
+    assert val[2] < val[0] - 50, val  # nats/image; an untrained model starts near 540
+    assert val[2] < 250, val
+
+
+def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path) -> None:
+    args = [a for a in tiny(tmp_path, "run_id=cli", "name=smoke") if a != "logger=csv"] + ["logger=wandb"]
+    p = _km("train", *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "smoke" / "cli"
+    assert f"run: {run_dir}" in p.stdout
+    assert "test/neg_elbo:" in p.stdout and "nats/image" in p.stdout and "test/nll_is4:" in p.stdout
+    for f in ("config.yaml", "run.json", "metrics.csv", "eval.json", "checkpoints/last.ckpt"):
+        assert (run_dir / f).exists(), f
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch_000.png", "epoch_001.png"]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run files missing"
+    assert "wandb sync" in p.stderr
+    assert read_meta(run_dir)["status"] == "finished"
+
+    p = _km("eval", str(run_dir), "--is-samples", "3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["split"] == "test" and ev["is_samples"] == 3 and ev["episodes"] == 16
+    assert ev["unit"] == "nats/image" and "test/nll_is3" in ev["metrics"]
+    assert ev["metrics"]["test/nll_is3"] < ev["metrics"]["test/neg_elbo"] + 1.0  # IS tightens the bound
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    straight = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=4", "run_id=straight")))["run_dir"])
+    part = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=2", "run_id=part")))["run_dir"])
+    ov = [f"resume={part}", "trainer.max_epochs=4"]
+    resumed = Path(train(compose_config(tiny(tmp_path, *ov)), ov)["run_dir"])
+    assert resumed == part
+    assert sorted(epoch_metrics(part, "val/neg_elbo")) == [0, 1, 2, 3]
+    _assert_same_run(straight, part)
+
+
+def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path: Path) -> None:
+    common = tiny(tmp_path, "trainer.max_epochs=3", "test_after_fit=false")
+    straight = Path(train(compose_config([*common, "run_id=straight"]))["run_dir"])
+    # 8 steps per epoch: step 13 is in the middle of the second epoch.
+    p = _km("train", *common, "run_id=killed", env={"KM_DEBUG_SIGKILL_AT_STEP": "13"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    killed = tmp_path / "runs" / "default" / "killed"
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    p = _km("train", *common, "resume=auto", "run_id=killed")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming" in p.stderr
+    _assert_same_run(straight, killed)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = VAE.episode_elbo
+
+    def poisoned(self, x):
+        out = real(self, x)
+        if self.training and self.global_step >= 10:  # second epoch
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "episode_elbo", poisoned)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny(tmp_path, "trainer.max_epochs=3", "run_id=nan")])
+    assert exc.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan)" in err and "last good checkpoint" in err
+    run_dir = tmp_path / "runs" / "default" / "nan"
+    meta = read_meta(run_dir)
+    assert meta["status"] == "failed" and meta["last_good_checkpoint"].endswith("last.ckpt")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    with pytest.raises(NonFiniteLossError):
+        train(compose_config(tiny(tmp_path, "trainer.max_epochs=3", "run_id=nan2")))
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def killed_before_rename(src, dst):
+        raise KeyboardInterrupt("killed during checkpoint write")
+
+    monkeypatch.setattr(os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys) -> None:
+    run = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=r", "test_after_fit=false")))["run_dir"])
+    cases = [
+        (["eval", str(run), "net.channels=[8,8,8]"], "does not match model 'vae'"),
+        (["eval", str(tmp_path / "nope")], "no such run directory or checkpoint"),
+        (["train", f"resume={tmp_path / 'nope'}"], "cannot resume"),
+        (["train", *tiny(tmp_path, "run_id=r")], "already holds a run"),
+        (["train", *tiny(tmp_path, f"data.data_dir={tmp_path / 'empty'}")], "km data download mnist"),
+    ]
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2, (argv, err)
+        assert err.startswith("error: ") and "\n" not in err and expected in err, (argv, err)
+    assert DATA_DIR is not None
