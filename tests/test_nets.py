@@ -1,0 +1,76 @@
+"""Shared nets, likelihoods and the VAE's bound terms against torch.distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli as TorchBernoulli
+from torch.distributions import Normal, kl_divergence
+
+from km.likelihoods import Bernoulli, DiscretisedLogistic
+from km.models import VAE, VAEConfig
+from km.models.base import EpisodeModel
+from km.nets import Decoder, Encoder, NetConfig
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 32, 32), (3, 32, 32)])
+def test_encoder_decoder_shapes(shape: tuple[int, int, int]) -> None:
+    net = NetConfig(channels=[8, 16, 16], embed_dim=20)
+    enc, dec = Encoder(shape, net), Decoder(7, shape, 2 * shape[0], net)
+    assert enc(torch.rand(5, *shape)).shape == (5, 20)
+    assert dec(torch.randn(5, 7)).shape == (5, 2 * shape[0], *shape[1:])
+
+
+def test_bernoulli_matches_torch() -> None:
+    logits, x = torch.randn(4, 1, 6, 6), torch.bernoulli(torch.rand(4, 1, 6, 6))
+    ref = TorchBernoulli(logits=logits).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(Bernoulli().log_prob(logits, x), ref)
+
+
+def test_discretised_logistic_is_a_distribution_over_256_values() -> None:
+    torch.manual_seed(0)
+    for mu, log_s in [(0.3, -2.0), (-0.95, -4.0), (0.0, 1.0), (0.99, -6.0)]:
+        p = torch.tensor([[math.atanh(mu)], [log_s]]).view(1, 2, 1, 1).expand(256, 2, 1, 1)
+        x = (torch.arange(256.0) / 255).view(256, 1, 1, 1)
+        total = DiscretisedLogistic().log_prob(p, x).exp().sum()
+        assert abs(total.item() - 1.0) < 2e-3, (mu, log_s, total)
+
+
+def test_bits_per_dim_conversion() -> None:
+    assert DiscretisedLogistic().to_report(torch.tensor(3072 * math.log(2) * 4.0), 3072).item() == pytest.approx(4.0)
+    assert Bernoulli().to_report(torch.tensor(80.0), 784).item() == 80.0
+
+
+def test_vae_bound_terms_match_torch_distributions() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(code_dim=5), NetConfig(channels=[4, 8, 8], embed_dim=16), (1, 28, 28), "bernoulli")
+    x = torch.bernoulli(torch.rand(2, 3, 1, 28, 28))
+    torch.manual_seed(1)
+    out = vae.episode_elbo(x)
+    mu, log_sigma = vae.posterior(x)
+    kl_ref = kl_divergence(Normal(mu, log_sigma.exp()), Normal(0.0, 1.0)).sum(-1).mean(1)
+    torch.testing.assert_close(out.kl, kl_ref)
+    torch.manual_seed(1)
+    z = mu + torch.randn_like(mu) * log_sigma.exp()
+    recon_ref = -TorchBernoulli(logits=vae.decode_codes(z)).log_prob(x).flatten(2).sum(-1).mean(1)
+    torch.testing.assert_close(out.recon, recon_ref)
+    torch.testing.assert_close(out.neg_elbo, out.recon + out.kl)
+
+
+def test_importance_sampling_tightens_the_bound() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(code_dim=5), NetConfig(channels=[4, 8, 8], embed_dim=16), (1, 28, 28), "bernoulli")
+    x = torch.bernoulli(torch.full((2, 4, 1, 28, 28), 0.2))
+    with torch.no_grad():
+        elbo = torch.stack([-vae.episode_elbo(x).neg_elbo for _ in range(50)]).mean(0)
+        log_p_1 = torch.stack([vae.log_likelihood_is(x, 1) for _ in range(50)]).mean(0)
+        log_p_200 = vae.log_likelihood_is(x, 200)
+    torch.testing.assert_close(log_p_1, elbo, atol=1.0, rtol=0)  # S=1 is the ELBO in expectation
+    assert (log_p_200 > elbo).all()
+
+
+def test_wrong_episode_shape_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"expected episodes of shape \(B, T, 1, 28, 28\), got \(4, 1, 28, 28\)"):
+        EpisodeModel.check_episodes(torch.zeros(4, 1, 28, 28), (1, 28, 28))
