@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,15 +45,15 @@ Split = Choice("Split", {"test": "test", "val": "val"})
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | omniglot | cifar10
-    data_dir: Optional[str] = None  # None: KM_DATA_DIR, then ../shared/data
+    data_dir: str | None = None  # None: KM_DATA_DIR, then ../shared/data
     episode_length: int = 32  # T
     batch_size: int = 16  # B episodes per batch
     episodes: Episodes = Episodes.iid  # iid | class
     classes_per_episode: int = 4
-    train_episodes_per_epoch: Optional[int] = None  # None: the whole training split
-    val_episodes: Optional[int] = None  # None: every full episode of the split
-    test_episodes: Optional[int] = None
-    val_size: Optional[int] = None  # None: the data set's default
+    train_episodes_per_epoch: int | None = None  # None: the whole training split
+    val_episodes: int | None = None  # None: every full episode of the split
+    test_episodes: int | None = None
+    val_size: int | None = None  # None: the data set's default
     binarize: Binarize = Binarize.static  # static | dynamic (training only)
     image_size: int = 28  # omniglot: 28 or 32
     eval_seed: int = 0  # order of val/test episodes: the same for every model and run
@@ -68,21 +68,21 @@ class TrainerConfig:
     precision: str = "32-true"
     max_epochs: int = 10
     max_steps: int = -1
-    gradient_clip_val: Optional[float] = None
-    limit_val_batches: Optional[float] = None
+    gradient_clip_val: float | None = None
+    limit_val_batches: float | None = None
     num_sanity_val_steps: int = 1
     log_every_n_steps: int = 10
     deterministic: bool = False
     progress_bar: ProgressBar = ProgressBar.auto  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
-    num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
 
 
 @dataclass
 class LoggerConfig:
     wandb: bool = True
     project: str = "kanerva-lab"
-    entity: Optional[str] = None
-    mode: Optional[WandbMode] = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in
+    entity: str | None = None
+    mode: WandbMode | None = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in
     tags: list[str] = field(default_factory=list)
 
 
@@ -109,10 +109,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "default"  # experiment name: runs go to <runs_dir>/<name>/<run_id>/
-    run_id: Optional[str] = None  # None: a fresh time-stamped id
+    run_id: str | None = None  # None: a fresh time-stamped id
     runs_dir: str = "runs"
     seed: int = 0
-    resume: Optional[str] = None  # run dir | checkpoint | auto
+    resume: str | None = None  # run dir | checkpoint | auto
     test_after_fit: bool = True
 
 

@@ -22,7 +22,14 @@ from km.callbacks import AtomicCheckpointIO, DebugSigkill, EpochSeed, EpochSumma
 from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
 from km.models import MODELS, EpisodeModel
 from km.runs import (
-    RunError, atomic_write_text, last_checkpoint, new_run_id, read_meta, resolve_resume, truncate_metrics, write_meta,
+    RunError,
+    atomic_write_text,
+    last_checkpoint,
+    new_run_id,
+    read_meta,
+    resolve_resume,
+    truncate_metrics,
+    write_meta,
 )
 
 
@@ -40,7 +47,6 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     import inspect
 
     from datamodules import DATAMODULES
-
     from km.config import ConfigError, DataConfig
 
     cls = DATAMODULES.get(cfg.data.name)
@@ -91,7 +97,6 @@ def wandb_mode(cfg_mode: str | None) -> str:
 
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     from pytorch_lightning.loggers import CSVLogger
-
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
     class AppendingWriter(ExperimentWriter):
@@ -119,6 +124,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
             tags=list(cfg.logger.tags), config=to_dict(cfg),
             settings=wandb.Settings(console="off", init_timeout=60, silent=True),
         )
+        lg._wandb_init.pop("anonymous", None)  # Lightning passes a key wandb now warns about
         _ = lg.experiment  # start now so a failure falls back here, not mid-training
         return lg
 
