@@ -1,0 +1,86 @@
+"""Benchmarks for the Kanerva Machine memory (timings only, no asserts).
+
+Run:  python bench/memory.py [--section NAME]... [--repeats N] [--threads N]
+Each section is a ``bench_*`` function registered in ``SECTIONS``; add new sections there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from km.memory import MemoryState, write_batched, write_online
+
+console = Console()
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time (s) of each ``fn()``; the functions run interleaved, so load affects all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_memory_write(repeats: int) -> None:
+    """Batched vs on-line write (forward, no grad), float32, B = 16, C = 100, timed interleaved."""
+    B, C, sigma_xi2 = 16, 100, 1.0
+    table = Table(title=f"memory write: B={B}, C={C}, float32, {torch.get_num_threads()} threads, median of {repeats}")
+    for col in ("T", "K", "batched (ms)", "online (ms)", "speed-up"):
+        table.add_column(col, justify="right")
+    gen = torch.Generator().manual_seed(0)
+    for T in (8, 32, 64, 128):
+        for K in (32, 64, 256):
+            state = MemoryState(torch.randn(B, K, C, generator=gen), torch.eye(K).expand(B, K, K))
+            w = torch.nn.functional.normalize(torch.randn(B, T, K, generator=gen), dim=-1)  # (B, T, K)
+            z = torch.randn(B, T, C, generator=gen)  # (B, T, C)
+            with torch.no_grad():
+                t = median_times(
+                    {
+                        "batched": partial(write_batched, state, w, z, sigma_xi2),
+                        "online": partial(write_online, state, w, z, sigma_xi2),
+                    },
+                    repeats,
+                )
+            table.add_row(
+                str(T),
+                str(K),
+                f"{1e3 * t['batched']:.2f}",
+                f"{1e3 * t['online']:.2f}",
+                f"{t['online'] / t['batched']:.1f}x",
+            )
+    console.print(table)
+
+
+SECTIONS: dict[str, Callable[[int], None]] = {
+    "memory_write": bench_memory_write,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=sorted(SECTIONS), action="append", help="repeatable; default: all")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.section or list(SECTIONS):
+        SECTIONS[name](args.repeats)
+
+
+if __name__ == "__main__":
+    main()
