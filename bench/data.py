@@ -108,6 +108,12 @@ def main() -> None:
         print(
             f"{name:<9}{ours:>15,.0f}{per_item:>13,.0f}{ours / per_item:>7.1f}x{tensor_ds:>18,.0f}{ours / tensor_ds:>7.1f}x"
         )
+    from steps import step_times  # bench/steps.py, beside this script
+
+    t = step_times(["vae"], B=B, T=T)["vae"]
+    print(f"VAE training step on CPU (default config, B={B} episodes of T={T} MNIST images): "
+          f"{1e3 * t:.0f} ms/step = {1e3 * t / B:.1f} ms/episode; the sampler's share: "
+          f"{1e3 / ours:.3f} ms/episode ({name})")
 
 
 if __name__ == "__main__":

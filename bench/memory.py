@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from km.memory import MemoryState, write_batched, write_online
+from km.models import MODELS
 
 console = Console()
 
@@ -65,8 +66,25 @@ def bench_memory_write(repeats: int) -> None:
     console.print(table)
 
 
+def bench_model_step(repeats: int) -> None:
+    """Training-step time of every registered model vs the VAE, B = 16 episodes of T = 32 MNIST-sized images."""
+    from steps import step_times  # bench/steps.py, beside this script
+
+    B, T = 16, 32
+    names = ["vae"] + sorted(n for n in MODELS if n != "vae")
+    t = step_times(names, B=B, T=T, repeats=repeats)
+    table = Table(title=f"training step (fwd + bwd + Adam), default configs, B={B}, T={T}, 28x28, "
+                        f"{torch.get_num_threads()} threads, median of {repeats}")
+    for col in ("model", "ms / step", "ms / episode", "x VAE"):
+        table.add_column(col, justify="right")
+    for n in names:
+        table.add_row(n, f"{1e3 * t[n]:.1f}", f"{1e3 * t[n] / B:.2f}", f"{t[n] / t['vae']:.2f}")
+    console.print(table)
+
+
 SECTIONS: dict[str, Callable[[int], None]] = {
     "memory_write": bench_memory_write,
+    "model_step": bench_model_step,
 }
 
 

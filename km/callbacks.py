@@ -65,10 +65,15 @@ class SampleGrid(pl.Callback):
         path = self.out_dir / f"epoch_{trainer.current_epoch:03d}.png"
         save_grid(pl_module, self.batch, path, self.columns)
         self.last_path = path
+        from km.pictures import addressing_heatmap
+
+        heat = addressing_heatmap(pl_module, self.batch, self.out_dir / f"addressing_{trainer.current_epoch:03d}.png")
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):
                 lg.log_image(key="samples", images=[str(path)], caption=[
                     "per episode: data / reconstruction from memory / samples from memory"])
+                if heat:
+                    lg.log_image(key="addressing", images=[str(heat)], caption=["addressing weights (T x K)"])
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from km.memory import (
     KanervaMemory,
     MemoryState,
     kl_matrix_normal,
+    log_prob_matrix_normal,
     read,
     safe_cholesky,
     sample,
@@ -109,6 +110,15 @@ def test_kl_matrix_normal_equals_dense() -> None:
     for b in range(B):
         torch.testing.assert_close(kl[b], dense_kl(q, p, b), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(kl_matrix_normal(q, q), torch.zeros(B, dtype=DT), atol=1e-12, rtol=0)
+
+
+def test_log_prob_matrix_normal_equals_dense() -> None:
+    state, _, _ = random_problem(seed=12)
+    M = torch.randn(B, K, C, generator=torch.Generator().manual_seed(13), dtype=DT)
+    lp = log_prob_matrix_normal(M, state)
+    for b in range(B):
+        ref = MultivariateNormal(*vec_gaussian(state, b)).log_prob(M[b].reshape(-1))
+        torch.testing.assert_close(lp[b], ref, atol=1e-10, rtol=1e-10)
 
 
 # 4. per-step KL == dense KL between consecutive posteriors

@@ -203,6 +203,17 @@ def kl_matrix_normal(q: MemoryState, p: MemoryState) -> Tensor:
     return 0.5 * (C * trace_term + mahalanobis - K * C + C * (logdet_p - logdet_q))
 
 
+def log_prob_matrix_normal(M: Tensor, state: MemoryState) -> Tensor:
+    """ln MN(M; R, U, I_C) per batch element (B,):
+    -1/2 [K C ln 2 pi + C ln|U| + tr((M - R)^T U^{-1} (M - R))]."""
+    R, U = state
+    K, C = R.shape[-2:]
+    L = safe_cholesky(U)  # (B, K, K)
+    Y = torch.linalg.solve_triangular(L, M - R, upper=False)  # (B, K, C)  L^{-1} (M - R)
+    logdet = 2.0 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)  # (B,)
+    return -0.5 * (K * C * math.log(2 * math.pi) + C * logdet + Y.pow(2).sum((-2, -1)))
+
+
 class KanervaMemory(nn.Module):
     """KM memory with a learned prior MN(R_0, U_0, I_C); a per-episode latent, never updated in place.
 

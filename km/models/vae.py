@@ -21,7 +21,7 @@ from km.nets import NetConfig
 class VAEConfig(ModelConfig):
     name: str = "vae"
     lr: float = 1e-3
-    code_dim: int = 64
+    code_dim: int = 100
 
 
 class VAE(EpisodeModel):

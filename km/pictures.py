@@ -1,0 +1,93 @@
+"""Pictures researchers look at: denoising chains, conditional sample chains, addressing heatmaps.
+
+Every function works through the `EpisodeModel` interface, so each model gets them for free
+(`addressing` only where the model has addressing weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+
+def corrupt(x: torch.Tensor, noise: float, binary: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each pixel with probability `noise` (binary data), or add N(0, noise^2) and clamp (8-bit data)."""
+    if binary:
+        flip = torch.rand(x.shape, generator=generator, device=x.device) < noise
+        return torch.where(flip, 1 - x, x)
+    return (x + noise * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
+
+
+def reconstruction_errors(chain: list[torch.Tensor], clean: torch.Tensor, binary: bool) -> list[dict[str, float]]:
+    """Per iteration: mean |x_hat - x| and, for binary data, the fraction of wrong pixels at threshold 0.5."""
+    rows = []
+    for i, x_hat in enumerate(chain):
+        row = {"iter": i, "l1": (x_hat - clean).abs().mean().item()}
+        if binary:
+            row["pixel_error"] = ((x_hat > 0.5).float() != clean).float().mean().item()
+        rows.append(row)
+    return rows
+
+
+def _save_rows(rows: list[torch.Tensor], path: Path) -> Path:
+    """rows: list of (N, C, H, W) -> one PNG, one row each."""
+    n = rows[0].shape[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2, pad_value=0.5), path)
+    return path
+
+
+@torch.no_grad()
+def denoise_chain(model: Any, x: torch.Tensor, noise: float, iters: int, binary: bool, path: Path,
+                  columns: int = 12, seed: int = 0) -> list[dict[str, float]]:
+    """Write clean episodes x (B, T, ...) to memory, corrupt them, read iteratively.
+
+    PNG rows (first episode): original, corrupted, iterations 1..n. Returns per-iteration errors
+    against the clean pattern (iteration 0 = the corrupted query)."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    noisy = corrupt(x, noise, binary, gen)
+    memory = model.write(x)
+    chain = model.denoise(noisy, memory, iters)
+    _save_rows([x[0, :columns], noisy[0, :columns], *[c[0, :columns] for c in chain]], path)
+    return reconstruction_errors([noisy, *chain], x, binary)
+
+
+@torch.no_grad()
+def sample_chain(model: Any, x: torch.Tensor, iters: int, path: Path, columns: int = 12) -> Path:
+    """Condition on episode x (1, T, ...): PNG rows = the episode, one-shot samples from its memory,
+    then those samples after 1..n iterative reads, and a last row of samples from the prior memory."""
+    model.eval()
+    memory = model.write(x)
+    samples = model.generate(memory, columns, batch=1)  # (1, n, C, H, W)
+    chain = model.denoise(samples, memory, iters) if iters else []
+    prior = model.generate(None, columns, batch=1)
+    return _save_rows([x[0, :columns], samples[0], *[c[0] for c in chain], prior[0]], path)
+
+
+@torch.no_grad()
+def addressing_heatmap(model: Any, x: torch.Tensor, path: Path) -> Path | None:
+    """Heatmap of addressing weights w (T x K) for the first episodes of x; None if the model has none."""
+    if not hasattr(model, "addressing"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = model.addressing(x).float().cpu()  # (B, T, K)
+    n = min(2, w.shape[0])
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for i in range(n):
+        im = axes[0, i].imshow(w[i].numpy(), aspect="auto", cmap="RdBu_r",
+                               vmin=-w[i].abs().max().item(), vmax=w[i].abs().max().item())
+        axes[0, i].set(xlabel="memory slot k", ylabel="item t in episode", title=f"addressing weights w, episode {i}")
+        fig.colorbar(im, ax=axes[0, i])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
