@@ -68,7 +68,6 @@ def test_exact_memory_expectation_equals_monte_carlo_over_M() -> None:
     w = km.address(mu_y + torch.randn_like(mu_y) * ls_y.exp())
     post = km._write(e, w)
     mu_z, ls_z, _ = km.read_z(e, w, post.R)
-    q = Normal(mu_z, ls_z.exp())
     n = 20000
     with torch.no_grad():
         M = km.memory.sample(MemoryState(post.R.repeat(n, 1, 1), post.U.repeat(n, 1, 1)))  # (n*B, K, C)
