@@ -3,6 +3,9 @@
     km train [overrides...]            e.g. km train model=vae data=mnist trainer.max_epochs=5 seed=1
     km train resume=<run dir | checkpoint | auto> [trainer.max_epochs=N]
     km eval <run dir | checkpoint> [--split test] [--is-samples N] [overrides...]
+    km sweep start SPEC.yaml [--local]  register a W&B sweep (online) or create a local sweep dir (offline)
+    km sweep agent ID|DIR [--count N] [--gpus 0,1]   run sweep agents (see km/sweep.py)
+    km compare TARGET... [--out DIR]   tables and plots across runs (see km/compare.py)
     km data check [NAME...]            verify the local data files (md5)
     km data download NAME [--dir D]    fetch official files (needs internet) into the local layout
     km config [overrides...]           print the resolved config
@@ -140,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--episodes", type=int, default=2)
     sm.add_argument("overrides", nargs="*")
     sm.set_defaults(func=cmd_sample)
+    from km import compare, sweep  # stdlib-only imports at module level: cheap
+
+    sw = sub.add_parser("sweep", help="hyperparameter sweeps, online (W&B) or offline (local engine)")
+    sweep.add_arguments(sw)
+    sw.set_defaults(func=sweep.main)
+    cp = sub.add_parser("compare", help="compare runs: markdown/CSV tables, learning curves, NLL bars")
+    compare.add_arguments(cp)
+    cp.set_defaults(func=compare.main)
     d = sub.add_parser("data", help="check or download data sets")
     d.add_argument("action", choices=["check", "download"])
     d.add_argument("names", nargs="*")
