@@ -34,6 +34,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = compose_config(args.overrides)
     summary = train(cfg, args.overrides)
+    if "rank" in summary:  # DDP worker process: rank 0 prints
+        return
     ev = summary.get("eval")
     print(f"run: {summary['run_dir']}")
     if summary.get("samples"):

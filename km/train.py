@@ -151,25 +151,36 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         cfg.resume = None
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
-        cfg.run_id = new_run_id()
+        # DDP re-executes this command once per rank: every rank must land in the same run dir.
+        cfg.run_id = os.environ.get("KM_RUN_ID") or new_run_id()
+    os.environ["KM_RUN_ID"] = cfg.run_id
     run_dir = runs_dir / cfg.name / cfg.run_id
-    if last_checkpoint(run_dir):
+    if last_checkpoint(run_dir) and is_rank_zero():
         raise RunError(f"{run_dir} already holds a run; continue it with resume={run_dir} or pick another run_id")
     return cfg, run_dir, None
+
+
+def is_rank_zero() -> bool:
+    """True in the launching process (and in rank 0 under SLURM / torchrun)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict."""
     quiet_lightning()
     cfg, run_dir, ckpt = prepare_run(cfg, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta = write_meta(run_dir, status="running", name=cfg.name, run_id=cfg.run_id, model=cfg.model.name,
-                      data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
-    if ckpt is None:
-        meta = write_meta(run_dir, choices=group_choices(overrides or []))
-    wandb_id = meta.get("wandb_id") or cfg.run_id.replace("-", "")
-    write_meta(run_dir, wandb_id=wandb_id)
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        meta = write_meta(run_dir, status="running", name=cfg.name, run_id=cfg.run_id, model=cfg.model.name,
+                          data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
+        if ckpt is None:
+            meta = write_meta(run_dir, choices=group_choices(overrides or []))
+        wandb_id = meta.get("wandb_id") or cfg.run_id.replace("-", "")
+        write_meta(run_dir, wandb_id=wandb_id)
+    else:
+        wandb_id = cfg.run_id.replace("-", "")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
 
@@ -180,18 +191,22 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         start_epoch = int(state.get("epoch", -1)) + 1
-        truncate_metrics(run_dir, start_epoch - 1)
+        if rank_zero:
+            truncate_metrics(run_dir, start_epoch - 1)
         print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
 
     trainer, grid = make_trainer(cfg, run_dir, wandb_id)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except BaseException as e:
-        last = last_checkpoint(run_dir)
-        write_meta(run_dir, status="failed", error=f"{type(e).__name__}: {e}",
-                   last_good_checkpoint=str(last) if last else None)
+        if rank_zero:
+            last = last_checkpoint(run_dir)
+            write_meta(run_dir, status="failed", error=f"{type(e).__name__}: {e}",
+                       last_good_checkpoint=str(last) if last else None)
         _finish_wandb(trainer, failed=True)
         raise
+    if not trainer.is_global_zero:  # a DDP worker: rank 0 evaluates and reports
+        return {"run_dir": str(run_dir), "rank": trainer.global_rank}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}
     summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     _finish_wandb(trainer)
