@@ -7,33 +7,18 @@ Each section is a ``bench_*`` function registered in ``SECTIONS``; add new secti
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from steps import median_times  # bench/steps.py, beside this script
 
 from km.memory import MemoryState, write_batched, write_online
 from km.models import MODELS
 
 console = Console()
-
-
-def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (s) of each ``fn()``; the functions run interleaved, so load affects all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_memory_write(repeats: int) -> None:
@@ -68,7 +53,7 @@ def bench_memory_write(repeats: int) -> None:
 
 def bench_model_step(repeats: int) -> None:
     """Training-step time of every registered model vs the VAE, B = 16 episodes of T = 32 MNIST-sized images."""
-    from steps import step_times  # bench/steps.py, beside this script
+    from steps import step_times
 
     B, T = 16, 32
     names = ["vae"] + sorted(n for n in MODELS if n != "vae")

@@ -1,14 +1,29 @@
-"""Training-step time of registered models on the same synthetic episodes (shared by the bench scripts)."""
+"""Timing helpers shared by the bench scripts: interleaved medians, model training-step times."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from km.models import MODELS
 from km.nets import NetConfig
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time (s) of each ``fn()``; the functions run interleaved, so load affects all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def step_times(names: list[str], B: int = 16, T: int = 32, repeats: int = 7,
@@ -29,13 +44,4 @@ def step_times(names: list[str], B: int = 16, T: int = 32, repeats: int = 7,
             opt.step()
 
         steps[name] = step
-    for fn in steps.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(repeats):
-        for n, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return median_times(steps, repeats)
