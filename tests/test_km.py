@@ -103,6 +103,18 @@ def test_one_sample_importance_weight_is_the_bound_in_expectation() -> None:
         assert (km.log_likelihood_is(x, 100) > elbo.mean(0)).all()  # more samples: a tighter bound
 
 
+def test_free_bits_change_the_training_loss_not_the_reported_bound() -> None:
+    x = episodes().double()
+    plain, free = small_km().double(), small_km(kl_y_free_bits=5.0).double()
+    torch.manual_seed(3)
+    a = plain.episode_elbo(x)
+    torch.manual_seed(3)
+    b = free.episode_elbo(x)
+    torch.testing.assert_close(a.neg_elbo, b.neg_elbo)  # every KL still in full
+    torch.testing.assert_close(a.loss, a.neg_elbo.mean())
+    assert b.loss > b.neg_elbo.mean()  # KL_y counted as at least 5 nats per dimension in training
+
+
 def test_memory_changes_the_prior_of_z() -> None:
     km = small_km()
     x = episodes()

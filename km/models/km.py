@@ -76,6 +76,7 @@ class KMConfig(ModelConfig):
     learn_sigma_xi: bool = True
     write_mode: str = "batched"  # batched | online: same posterior, batched is the fast one
     sample_memory: bool = False  # False: exact expectation over q(M|X) (default); True: one M ~ q(M|X)
+    kl_y_free_bits: float = 0.0  # training loss only: KL(q(y)||p(y)) counted as max(KL, this) per dimension
 
 
 class KanervaMachine(EpisodeModel):
@@ -143,11 +144,16 @@ class KanervaMachine(EpisodeModel):
         kl_z = kl_z.mean(1)  # (B,)
         z = mu_z + torch.randn_like(mu_z) * ls_z.exp()  # (B, T, C)
         recon = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,)
-        kl_y = gaussian_kl(mu_y, ls_y, torch.zeros_like(mu_y), torch.zeros_like(ls_y)).mean(1)  # (B,)
+        kl_y_dims = gaussian_kl(mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]),
+                                torch.zeros_like(ls_y[..., None]))  # (B, T, d_y) per dimension
+        kl_y = kl_y_dims.sum(-1).mean(1)  # (B,)
         kl_m = kl_M / T
         kl = kl_y + kl_z + kl_m
-        neg_elbo = recon + kl
-        return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
+        neg_elbo = recon + kl  # the reported bound: every KL in full
+        loss = neg_elbo
+        if self.cfg.kl_y_free_bits > 0:  # free bits keep the addresses from collapsing early in training
+            loss = loss - kl_y + kl_y_dims.mean((0, 1)).clamp(min=self.cfg.kl_y_free_bits).sum()
+        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
                              parts={"kl_y": kl_y, "kl_z": kl_z, "kl_M": kl_m})
 
     def write(self, x: torch.Tensor) -> MemoryState:
