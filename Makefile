@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements-cpu.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (first time: about 2 minutes) ..."
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps sweeps==0.3.0 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@touch $@
 

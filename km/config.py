@@ -141,7 +141,29 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, schema)) from None
     OmegaConf.set_struct(merged, True)
+    _check_ranges(merged)
     return merged
+
+
+# key -> (test, what it must be); values a type check cannot catch
+RANGES = {
+    "data.episode_length": (lambda v: v >= 1, ">= 1"),
+    "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.classes_per_episode": (lambda v: v >= 1, ">= 1"),
+    "model.lr": (lambda v: v > 0, "> 0"),
+    "model.code_dim": (lambda v: v >= 1, ">= 1"),
+    "net.embed_dim": (lambda v: v >= 1, ">= 1"),
+    "net.channels": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive filter counts"),
+    "eval.is_samples": (lambda v: v >= 0, ">= 0"),
+    "trainer.max_epochs": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: no limit)"),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (ok, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"bad value for '{key}': {value} (must be {what})")
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:

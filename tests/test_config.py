@@ -33,6 +33,8 @@ def test_overrides_are_applied_and_typed() -> None:
         ("data=mnistt", "unknown data 'mnistt'; valid options: cifar10, mnist, omniglot"),
         ("trainer.max_epochs=abc", "bad value for 'trainer.max_epochs'"),
         ("data.episodes=iidd", "expected one of [iid, class]"),
+        ("data.batch_size=0", "bad value for 'data.batch_size': 0 (must be >= 1)"),
+        ("model.lr=-1", "bad value for 'model.lr': -1.0 (must be > 0)"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture) -> None:

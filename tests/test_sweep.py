@@ -1,0 +1,159 @@
+"""`km sweep`: the offline engine (W&B's `sweeps` package) driving real tiny `km train` runs.
+
+The online path (wandb.sweep / wandb agent) needs a W&B server and is not tested here beyond its
+missing-credentials error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import needs_data, tiny
+
+from km import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny() plus an even smaller budget: one epoch, one torch thread (much faster on 2 shared cores)
+FAST = ("trainer.max_epochs=1", "data.train_episodes_per_epoch=8", "data.val_episodes=8",
+        "data.test_episodes=8", "eval.is_samples=2", "trainer.num_threads=1")
+
+
+def _spec(tmp_path: Path, parameters: dict, **extra) -> Path:
+    spec = {"method": "grid", "metric": {"name": "test/neg_elbo", "goal": "minimize"}, "parameters": parameters,
+            "command": ["${env}", "km", "train", "${args_no_hyphens}"], **extra}
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def _state(d: Path) -> dict:
+    return json.loads((d / "state.json").read_text())
+
+
+@needs_data
+def test_grid_sweep_survives_agent_kill_and_restart(tmp_path: Path) -> None:
+    """2x2 grid (model.lr x seed): kill -9 the agent during run 3, restart: 4 finished runs, none repeated."""
+    spec = _spec(tmp_path, {"model.lr": {"values": [0.001, 0.003]}, "seed": {"values": [1, 2]}})
+    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST))
+    proc = subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            runs = _state(d)["runs"]
+            if sum(r["status"] == "finished" for r in runs) == 2 and len(runs) == 3:
+                break
+            assert proc.poll() is None, "agent ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("agent did not finish 2 runs in time")
+        time.sleep(1.0)  # let run 3's trainer start
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the agent and its km train child
+        proc.wait()
+    before = {r["name"]: r for r in _state(d)["runs"]}
+    assert [before[n]["status"] for n in ("r001", "r002", "r003")] == ["finished", "finished", "running"]
+    runs_root = tmp_path / "runs" / "sw"
+    evals = {n: (runs_root / n / "eval.json").stat().st_mtime_ns for n in ("r001", "r002")}
+
+    summary = sweep.run_agent(d)  # restart, in-process
+    assert summary == {"started": 2, "failed": 0, "reason": "the grid is exhausted"}
+    state = _state(d)
+    runs = {r["name"]: r for r in state["runs"]}
+    assert sorted(runs) == ["r001", "r002", "r003", "r004"] and state["exhausted"]
+    assert sorted(p.name for p in runs_root.iterdir()) == ["r001", "r002", "r003", "r004"]
+    for r in runs.values():
+        assert r["status"] == "finished" and isinstance(r["metric"], float) and r["exit_code"] == 0
+    for n in ("r001", "r002"):  # not repeated
+        assert runs[n]["attempts"] == 1 and runs[n]["ended"] == before[n]["ended"]
+        assert (runs_root / n / "eval.json").stat().st_mtime_ns == evals[n]
+    assert runs["r003"]["attempts"] == 2 and runs["r003"]["config"] == before["r003"]["config"]
+    configs = {(r["config"]["model.lr"], r["config"]["seed"]) for r in runs.values()}
+    assert configs == {(0.001, 1), (0.001, 2), (0.003, 1), (0.003, 2)}
+    # each run trained with its own suggested values
+    saved = yaml.safe_load((runs_root / "r004" / "config.yaml").read_text())
+    assert (saved["model"]["lr"], saved["seed"]) == (runs["r004"]["config"]["model.lr"], runs["r004"]["config"]["seed"])
+    table = sweep.status_table(d)
+    assert "r004" in table and "* best" in table
+
+
+@needs_data
+def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = _spec(tmp_path, {"data.batch_size": {"values": [0, 4]}})
+    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST))
+    summary = sweep.run_agent(d)
+    assert summary["started"] == 2 and summary["failed"] == 1
+    bad, good = _state(d)["runs"]
+    assert bad["config"] == {"data.batch_size": 0} and bad["status"] == "failed"
+    assert bad["exit_code"] not in (0, None) and bad["error"] and bad["metric"] is None
+    assert good["status"] == "finished" and isinstance(good["metric"], float)
+    assert bad["error"] in sweep.status_table(d)
+    assert f"{bad['name']} failed" in capsys.readouterr().out
+
+
+def test_bayes_and_random_suggestions_stay_in_range() -> None:
+    spec = sweep.load_spec(ROOT / "sweeps" / "km_mnist_lr_memory.yaml")
+    lr, mem = spec["parameters"]["model.lr"], spec["parameters"]["model.memory_size"]["values"]
+    fake = [{"name": f"r{i:03d}", "status": "finished", "metric": 300.0 + (i * 7) % 11, "history": [],
+             "config": {"model": "km", "data": "mnist", "model.lr": 10 ** (-3.8 + 0.3 * i), "model.memory_size": mem[i % 3],
+                        "trainer.max_epochs": 3, "data.train_episodes_per_epoch": 64, "data.val_episodes": 64,
+                        "data.test_episodes": 64, "eval.is_samples": 20, "seed": 1}}
+            for i in range(5)]
+    fake.append({**fake[0], "name": "r006", "status": "failed", "metric": None})
+    for method in ("bayes", "random"):
+        for _ in range(5):
+            cfg = sweep.suggest({**spec, "method": method}, fake)
+            assert lr["min"] <= cfg["model.lr"] <= lr["max"], cfg
+            assert cfg["model.memory_size"] in mem and cfg["model"] == "km" and cfg["trainer.max_epochs"] == 3
+            json.dumps(cfg)  # plain values, storable in state.json
+
+
+def test_shipped_specs_and_grid_exhaustion() -> None:
+    for p in sorted((ROOT / "sweeps").glob("*.yaml")):
+        spec = sweep.load_spec(p)
+        assert spec["metric"]["name"] in ("test/neg_elbo", "val/neg_elbo")
+        assert sweep.suggest(spec, []) is not None, p
+    spec = sweep.load_spec(ROOT / "sweeps" / "compare_baselines.yaml")
+    runs: list[dict] = []
+    while (cfg := sweep.suggest(spec, runs)) is not None:
+        runs.append({"name": f"r{len(runs) + 1:03d}", "config": cfg, "status": "finished", "metric": 1.0})
+    assert {(r["config"]["model"], r["config"]["data"], r["config"]["seed"]) for r in runs} == {
+        (m, d, s) for m in ("vae", "km") for d in ("mnist", "omniglot") for s in (1, 2)}
+    cmd = sweep.build_command(spec, {"name": "sw", "overrides": ["seed=9", "trainer.max_epochs=1"]}, runs[0], [])
+    assert cmd[1:4] == ["-m", "km.cli", "train"] and cmd[-3:] == ["name=sw", "run_id=r001", "resume=auto"]
+    assert "seed=9" not in cmd and "trainer.max_epochs=1" not in cmd  # swept values win over fixed ones
+
+
+def test_hyperband_stops_a_lagging_run() -> None:
+    spec = {"method": "grid", "metric": {"name": "test/neg_elbo", "goal": "minimize"},
+            "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+            "parameters": {"seed": {"values": [1, 2, 3, 4]}}}
+    done = [{"name": f"r00{i}", "status": "finished", "metric": 100.0 - i, "history": [110.0 - i, 100.0 - i],
+             "config": {"seed": i}} for i in (1, 2)]
+    bad = {"name": "r003", "status": "running", "metric": None, "history": [150.0], "config": {"seed": 3}}
+    good = {**bad, "history": [105.0]}
+    assert sweep.should_stop(spec, [*done, bad], "r003")
+    assert not sweep.should_stop(spec, [*done, good], "r003")
+    assert not sweep.should_stop({**spec, "early_terminate": None}, [*done, bad], "r003")
+
+
+def test_online_without_credentials_is_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    from km.cli import build_parser
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for argv in (["sweep", "start", str(ROOT / "sweeps" / "compare_baselines.yaml")], ["sweep", "agent", "abc123"]):
+        args = build_parser().parse_args(argv)
+        with pytest.raises(SystemExit) as e:
+            args.func(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and "--local" in err
