@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 KM := $(VENV)/bin/km
 # Data: KM_DATA_DIR if set, else ../shared/data (resolved by the data modules).
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench sweep compare clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,18 @@ lint: setup
 bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/memory.py
+
+# make sweep SWEEP=sweeps/compare_baselines.yaml [COUNT=4]: a local (offline) sweep, then its report
+SWEEP ?= sweeps/compare_baselines.yaml
+COUNT ?=
+sweep: setup
+	@D=$$($(KM) sweep start $(SWEEP) --local) && echo "sweep dir: $$D" && \
+	$(KM) sweep agent $$D $(if $(COUNT),--count $(COUNT),) && $(KM) sweep status $$D && $(KM) compare $$D
+
+# make compare RUNS="runs/<name>": tables and plots across runs
+RUNS ?= runs
+compare: setup
+	$(KM) compare $(RUNS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
