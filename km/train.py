@@ -151,8 +151,10 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         cfg.resume = None
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
-        # DDP re-executes this command once per rank: every rank must land in the same run dir.
-        cfg.run_id = os.environ.get("KM_RUN_ID") or new_run_id()
+        # Lightning's DDP launcher re-executes this command once per rank: the workers take the
+        # launcher's id from KM_RUN_ID so every rank lands in the same run dir. (Under SLURM or
+        # torchrun every rank is started independently: give run_id=... explicitly there.)
+        cfg.run_id = new_run_id() if is_rank_zero() else os.environ["KM_RUN_ID"]
     os.environ["KM_RUN_ID"] = cfg.run_id
     run_dir = runs_dir / cfg.name / cfg.run_id
     if last_checkpoint(run_dir) and is_rank_zero():
