@@ -14,12 +14,14 @@ from omegaconf import OmegaConf
 
 from km.callbacks import seed_all
 from km.config import apply_overrides, typed
-from km.models import EpisodeModel
 from km.runs import RunError, atomic_write_text, locate
 
 
-def load_run(target: str | Path, overrides: list[str] | None = None, map_location: str = "cpu"):
-    """A run dir or checkpoint -> (cfg, run_dir, ckpt path, datamodule, model with weights loaded)."""
+def load_run(target: str | Path, overrides: list[str] | None = None, map_location: str = "cpu",
+             dm: pl.LightningDataModule | None = None):
+    """A run dir or checkpoint -> (cfg, run_dir, ckpt path, datamodule, model with weights loaded).
+
+    `dm`: an already loaded data module of this run (saves loading the data again after training)."""
     from km.train import build_datamodule, build_model
 
     run_dir, ckpt = locate(target)
@@ -33,7 +35,7 @@ def load_run(target: str | Path, overrides: list[str] | None = None, map_locatio
             raise RunError(f"{ckpt} is not a kanerva-lab checkpoint (no km_config) and {run_dir} has no config.yaml")
         saved = OmegaConf.load(run_dir / "config.yaml")
     cfg = apply_overrides(typed(saved), overrides or [])
-    dm = build_datamodule(cfg)
+    dm = dm or build_datamodule(cfg)
     model = build_model(cfg, dm.image_shape, dm.likelihood)
     problem = _incompatibility(model, state.get("state_dict", {}))
     if problem:
@@ -61,14 +63,13 @@ def _incompatibility(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str
 
 
 def evaluate(target: str | Path, split: str = "test", is_samples: int | None = None,
-             overrides: list[str] | None = None, model: EpisodeModel | None = None,
+             overrides: list[str] | None = None, dm: pl.LightningDataModule | None = None,
              accelerator: str = "auto") -> dict[str, Any]:
     """Test-split metrics of a run's best checkpoint; writes <run_dir>/eval.json."""
     from km.train import quiet_lightning
 
     quiet_lightning()
-    cfg, run_dir, ckpt, dm, loaded = load_run(target, overrides)
-    model = loaded
+    cfg, run_dir, ckpt, dm, model = load_run(target, overrides, dm=dm)
     if is_samples is not None:
         model.is_samples = is_samples
     seed_all(cfg.seed + 424242)  # the IS estimate and sampled bound use fixed noise

@@ -215,7 +215,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     if cfg.test_after_fit and trainer.is_global_zero:
         from km.evaluate import evaluate
 
-        summary["eval"] = evaluate(run_dir, split=cfg.eval.split, is_samples=cfg.eval.is_samples, model=model)
+        summary["eval"] = evaluate(run_dir, split=str(cfg.eval.split), is_samples=cfg.eval.is_samples, dm=dm)
     write_meta(run_dir, status="finished", error=None)
     return summary
 
