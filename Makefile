@@ -32,6 +32,7 @@ lint: setup
 bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/memory.py
+	@echo "denoising (needs trained runs): $(PY) bench/denoise.py RUN_DIR..."
 
 # make sweep SWEEP=sweeps/compare_baselines.yaml [COUNT=4]: a local (offline) sweep, then its report
 SWEEP ?= sweeps/compare_baselines.yaml

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from steps import median_times  # bench/steps.py, beside this script
 
-from km.memory import MemoryState, write_batched, write_online
+from km.memory import MemoryState, solve_addresses, write_batched, write_online
 from km.models import MODELS
 
 console = Console()
@@ -51,6 +51,37 @@ def bench_memory_write(repeats: int) -> None:
     console.print(table)
 
 
+def bench_dkm_memory(repeats: int) -> None:
+    """DKM addressing: least-squares solve (ridge, official) and solve + batched write, against the KM
+    write alone at the same sizes; forward, no grad, float32, B = 16, C = 100."""
+    B, C, lam = 16, 100, 1.0
+    table = Table(title=f"DKM solve + write: B={B}, C={C}, float32, {torch.get_num_threads()} threads, "
+                        f"median of {repeats}")
+    for col in ("T", "K", "ridge solve (ms)", "official solve (ms)", "solve + write (ms)", "KM write (ms)"):
+        table.add_column(col, justify="right")
+    gen = torch.Generator().manual_seed(0)
+    for T, K in ((32, 32), (64, 32), (32, 64), (64, 64)):
+        state = MemoryState(torch.randn(B, K, C, generator=gen), torch.eye(K).expand(B, K, K))
+        z = torch.randn(B, T, C, generator=gen)  # (B, T, C)
+        w = torch.nn.functional.normalize(torch.randn(B, T, K, generator=gen), dim=-1)
+
+        def solve_write(state=state, z=z) -> None:
+            write_batched(state, solve_addresses(state.R, z, lam), z, 1.0)
+
+        with torch.no_grad():
+            t = median_times(
+                {
+                    "ridge": partial(solve_addresses, state.R, z, lam, "ridge"),
+                    "official": partial(solve_addresses, state.R, z, lam, "official"),
+                    "solve_write": solve_write,
+                    "km_write": partial(write_batched, state, w, z, 1.0),
+                },
+                repeats,
+            )
+        table.add_row(str(T), str(K), *(f"{1e3 * t[k]:.2f}" for k in ("ridge", "official", "solve_write", "km_write")))
+    console.print(table)
+
+
 def bench_model_step(repeats: int) -> None:
     """Training-step time of every registered model vs the VAE, B = 16 episodes of T = 32 MNIST-sized images."""
     from steps import step_times
@@ -69,6 +100,7 @@ def bench_model_step(repeats: int) -> None:
 
 SECTIONS: dict[str, Callable[[int], None]] = {
     "memory_write": bench_memory_write,
+    "dkm_memory": bench_dkm_memory,
     "model_step": bench_model_step,
 }
 

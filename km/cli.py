@@ -10,6 +10,7 @@
     km data download NAME [--dir D]    fetch official files (needs internet) into the local layout
     km config [overrides...]           print the resolved config
     km denoise <run> [--noise 0.15] [--iters 5]   iterative reading of corrupted test items (PNG chain)
+    km attract ...                     the same (DKM's attractor dynamics; prints the energy per step)
     km sample <run> [--iters 3]        one-shot samples from a written test episode (+ addressing heatmap)
 
 Bad input (unknown config keys or options, missing data, incompatible checkpoints) prints one
@@ -73,9 +74,12 @@ def cmd_denoise(args: argparse.Namespace) -> None:
     binary = dm.likelihood == "bernoulli"
     path = run_dir / "denoise" / f"noise{args.noise:g}_iters{args.iters}.png"
     rows = denoise_chain(model, x, args.noise, args.iters, binary, path)
-    print(f"{'iter':>4} {'L1 error':>9}" + (f" {'pixel error':>11}" if binary else ""))
+    energy = "energy" in rows[0]
+    print(f"{'iter':>4} {'L1 error':>9}" + (f" {'pixel error':>11}" if binary else "")
+          + (f" {'energy (nats/image)':>19}" if energy else ""))
     for r in rows:
-        print(f"{r['iter']:>4} {r['l1']:>9.4f}" + (f" {r['pixel_error']:>11.4f}" if binary else ""))
+        print(f"{r['iter']:>4} {r['l1']:>9.4f}" + (f" {r['pixel_error']:>11.4f}" if binary else "")
+              + (f" {r['energy']:>19.2f}" if energy else ""))
     print(f"chain: {path}  (rows: original, corrupted, iterations 1..{args.iters}; iter 0 = corrupted query)")
 
 
@@ -132,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
-    dn = sub.add_parser("denoise", help="iterative reading of corrupted test episodes")
+    dn = sub.add_parser("denoise", aliases=["attract"],
+                        help="iterative reading (DKM: attractor dynamics) of corrupted test episodes")
     dn.add_argument("target", help="run directory or checkpoint")
     dn.add_argument("--noise", type=float, default=0.15, help="pixel flip probability (binary) or noise std")
     dn.add_argument("--iters", type=int, default=5)

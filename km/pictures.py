@@ -46,14 +46,19 @@ def denoise_chain(model: Any, x: torch.Tensor, noise: float, iters: int, binary:
     """Write clean episodes x (B, T, ...) to memory, corrupt them, read iteratively.
 
     PNG rows (first episode): original, corrupted, iterations 1..n. Returns per-iteration errors
-    against the clean pattern (iteration 0 = the corrupted query)."""
+    against the clean pattern (iteration 0 = the corrupted query) and, for models with an `energy`
+    (DKM: the negative ELBO of a query, the dynamics' Lyapunov function), the mean energy per image."""
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     noisy = corrupt(x, noise, binary, gen)
     memory = model.write(x)
     chain = model.denoise(noisy, memory, iters)
     _save_rows([x[0, :columns], noisy[0, :columns], *[c[0, :columns] for c in chain]], path)
-    return reconstruction_errors([noisy, *chain], x, binary)
+    rows = reconstruction_errors([noisy, *chain], x, binary)
+    if hasattr(model, "energy"):
+        for row, x_i in zip(rows, [noisy, *chain], strict=True):
+            row["energy"] = model.energy(x_i, memory).mean().item()
+    return rows
 
 
 @torch.no_grad()

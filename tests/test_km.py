@@ -161,7 +161,8 @@ def test_km_learns_on_real_mnist_and_reading_denoises(tmp_path: Path, capsys) ->
     assert (run / "denoise" / "noise0.15_iters3.png").exists()
     errs = [float(line.split()[2]) for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(errs) == 4 and errs[0] == pytest.approx(0.15, abs=0.03)  # iteration 0 = the corrupted query
-    assert min(errs[1:]) < errs[0]  # reading from memory removes noise
+    assert all(0 <= e <= 1 for e in errs)  # (no claim that reading denoises: at this budget the reads fade
+    # towards the all-black image, which also scores below 0.15; bench/denoise.py measures trained runs)
     main(["sample", str(run), "--iters", "2"])
     assert (run / "samples" / "conditional_iters2.png").exists() and (run / "samples" / "addressing.png").exists()
     assert json.loads((run / "eval.json").read_text())["model"] == "km"

@@ -1,5 +1,6 @@
 """Memory modules for Kanerva Machine models (plain torch)."""
 
+from km.memory.dynamic import DynamicMemory, solve_addresses
 from km.memory.kanerva import (
     KanervaMemory,
     MemoryState,
@@ -13,6 +14,8 @@ from km.memory.kanerva import (
 )
 
 __all__ = [
+    "DynamicMemory",
+    "solve_addresses",
     "KanervaMemory",
     "MemoryState",
     "kl_matrix_normal",

@@ -6,12 +6,14 @@ A new model plugs in by adding one line here and one `configs/model/<name>.yaml`
 from __future__ import annotations
 
 from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, NonFiniteLossError
+from km.models.dkm import DKMConfig, DynamicKanervaMachine
 from km.models.km import KanervaMachine, KMConfig
 from km.models.vae import VAE, VAEConfig
 
 MODELS: dict[str, tuple[type[EpisodeModel], type[ModelConfig]]] = {
     "vae": (VAE, VAEConfig),
     "km": (KanervaMachine, KMConfig),
+    "dkm": (DynamicKanervaMachine, DKMConfig),
 }
 
-__all__ = ["MODELS", "KanervaMachine", "KMConfig", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]
+__all__ = ["MODELS", "DKMConfig", "DynamicKanervaMachine", "KanervaMachine", "KMConfig", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]

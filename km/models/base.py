@@ -46,6 +46,7 @@ class EpisodeOutput:
     recon: torch.Tensor  # (B,) -E[log p(x|z)] per image
     kl: torch.Tensor  # (B,) all KL terms per image (sum of the parts below)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named (B,) KL parts
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) training-only terms, not in the bound
 
 
 class EpisodeModel(pl.LightningModule):
@@ -74,7 +75,13 @@ class EpisodeModel(pl.LightningModule):
         raise NotImplementedError
 
     def denoise(self, x: torch.Tensor, memory: Any, iters: int) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Iterative reading: feed the mean image of each read back in; the mean image after each of `iters`
+        reads (KM's Algorithm 1, DKM's attractor dynamics, a VAE's reconstruct-again loop)."""
+        chain = []
+        for _ in range(iters):
+            x = self.mean_image(self.read(x, memory))
+            chain.append(x)
+        return chain
 
     def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         raise NotImplementedError
@@ -90,6 +97,11 @@ class EpisodeModel(pl.LightningModule):
         b, t = z.shape[:2]
         out = self.decoder(z.flatten(0, 1))
         return out.view(b, t, *out.shape[1:])
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """Decoder params (B, T, P, H, W) -> mean image (B, T, C, H, W)."""
+        b, t = params.shape[:2]
+        return self.lik.mean(params.flatten(0, 1)).view(b, t, *self.image_shape)
 
     def log_px(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """params: (B, T, P, H, W), x: (B, T, C, H, W) -> (B, T) log p(x|z) in nats."""
@@ -112,7 +124,7 @@ class EpisodeModel(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _log_terms(self, split: str, out: EpisodeOutput, batch_size: int) -> None:
-        terms = {"neg_elbo": out.neg_elbo, "recon": out.recon, "kl": out.kl, **out.parts}
+        terms = {"neg_elbo": out.neg_elbo, "recon": out.recon, "kl": out.kl, **out.parts, **out.extras}
         for k, v in terms.items():
             self.log(
                 f"{split}/{k}", self.report(v.detach().mean()), batch_size=batch_size,

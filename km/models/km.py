@@ -174,10 +174,6 @@ class KanervaMachine(EpisodeModel):
         mu_z, _, _ = self.read_z(e, w, memory.R)
         return self.decode_codes(mu_z)
 
-    def _mean_image(self, params: torch.Tensor) -> torch.Tensor:
-        b, t = params.shape[:2]
-        return self.lik.mean(params.flatten(0, 1)).view(b, t, *self.image_shape)
-
     def generate(self, memory: MemoryState | None, n: int, batch: int = 1) -> torch.Tensor:
         """One-shot samples (B, n, C, H, W): y ~ p(y), M ~ memory (prior if None), z ~ p(z|y,M)."""
         if memory is None:
@@ -187,15 +183,7 @@ class KanervaMachine(EpisodeModel):
         M = self.memory.sample(memory)
         r = self.address(y) @ M  # (B, n, C)
         z = r + torch.randn_like(r) * self._log_sigma_xi().exp()
-        return self._mean_image(self.decode_codes(z))
-
-    def denoise(self, x: torch.Tensor, memory: MemoryState | None, iters: int) -> list[torch.Tensor]:
-        """Iterative reading (KM Algorithm 1): the mean image after each of `iters` read cycles."""
-        chain = []
-        for _ in range(iters):
-            x = self._mean_image(self.read(x, memory))
-            chain.append(x)
-        return chain
+        return self.mean_image(self.decode_codes(z))
 
     @torch.no_grad()
     def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:

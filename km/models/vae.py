@@ -52,16 +52,7 @@ class VAE(EpisodeModel):
 
     def generate(self, memory: None, n: int, batch: int = 1) -> torch.Tensor:
         z = torch.randn(batch, n, self.cfg.code_dim, device=self.device)
-        b, t = z.shape[:2]
-        return self.lik.mean(self.decode_codes(z).flatten(0, 1)).view(b, t, *self.image_shape)
-
-    def denoise(self, x: torch.Tensor, memory: None, iters: int) -> list[torch.Tensor]:
-        chain = []
-        for _ in range(iters):
-            b, t = x.shape[:2]
-            x = self.lik.mean(self.read(x).flatten(0, 1)).view(b, t, *self.image_shape)
-            chain.append(x)
-        return chain
+        return self.mean_image(self.decode_codes(z))
 
     @torch.no_grad()
     def log_likelihood_is(self, x: torch.Tensor, samples: int, chunk: int = 25) -> torch.Tensor:

@@ -1,0 +1,162 @@
+r"""Dynamic Kanerva Machine (Wu, Wayne, Lillicrap, Graves, NeurIPS 2018) on the shared nets.
+
+Memory math: `km.memory.dynamic` (least-squares addressing) on the KM memory `km.memory.kanerva`
+(one Bayesian update in the codebase). This file wires nets, memory and the bound.
+
+Generative model (per episode X = x_1..x_T; KM's graphical model with z dropped):
+    M ~ p(M) = MN(R_0, U_0, I_C)            learned prior, K x C
+    w_t ~ p(w_t) = N(0, sigma_w0^2 I_K)
+    x_t ~ p(x_t | w_t, M) = decoder(w_t^T M)  the shared decoder + likelihood, on the noise-free read
+
+Inference:
+    z_t = e(x_t)                            deterministic embedding: shared encoder + linear map to C
+    q(M | X): exact Bayesian posterior after writing z_t, observation noise sigma_xi, at addresses solved
+              against the prior mean R_0 (order invariant; `km.memory.dynamic`)
+    q(w_t | x_t, M) = N(mu(z_t, M), sigma_w^2 I_K), mu the regularised least-squares solve on M
+
+Bound, reported per image (divided by T), every KL included, estimated with one reparameterised
+M ~ q(M | X) and w_t ~ q(w_t | x_t, M) (so it is an unbiased estimate of a true ELBO):
+    -ELBO/T = 1/T sum_t [ -ln p(x_t | w_t^T M) + KL(q(w_t) || p(w_t)) ] + KL(q(M | X) || p(M)) / T
+    KL(M) is the closed-form matrix-normal KL of the final posterior. The per-step KLs of the
+    official code do not sum to it for a given episode (only in expectation; see km.memory.kanerva);
+    `memory_kl: steps` trains on their sum as the official code does, the reported bound keeps the
+    closed form either way.
+
+Training loss = the bound + `ae_weight` * the autoencoder term -1/T sum_t ln p(x_t | e(x_t)) (DKM paper;
+reported as `ae_recon`, never part of the bound). `sample: false` trains with the means (w = mu, M = R)
+as the official code does by default; validation and test always report the sampled bound.
+
+Attractor dynamics (test time only, never unrolled in training):
+    x -> z = e(x) -> mu_w = solve(R, z) -> mu_w^T R -> decode -> mean image -> repeat.
+`energy(x, memory)` is the per-image negative ELBO of a query at the means (w = mu_w, M = R), the
+quantity the paper says acts as a Lyapunov function of these dynamics (KL(M) is constant for a fixed
+memory and left out). Generation: w ~ p(w), M ~ q(M | X), decode w^T M, then run the dynamics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal, write_online
+from km.memory.dynamic import SOLVERS
+from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.nets import NetConfig
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class DKMConfig(ModelConfig):
+    name: str = "dkm"
+    lr: float = 1e-3
+    code_dim: int = 100  # C: embedding size = memory width
+    memory_size: int = 32  # K slots (official Omniglot setting)
+    sigma_xi: float = 1.0  # observation noise of writes; lam = sigma_xi^2 / sigma_w0^2
+    learn_sigma_xi: bool = False
+    sigma_w0: float = 1.0  # prior std of the addressing weights
+    sigma_w_init: float = 0.3  # initial posterior std of w (learned)
+    solver: str = "ridge"  # ridge | official (least squares on M M^T, see km.memory.dynamic)
+    write_mode: str = "batched"  # batched | online: same posterior
+    memory_kl: str = "closed"  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
+    sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
+    ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
+
+
+class DynamicKanervaMachine(EpisodeModel):
+    def __init__(self, cfg: DKMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
+        super().__init__(cfg, net, image_shape, likelihood)
+        for key, valid in (("write_mode", ("batched", "online")), ("memory_kl", ("closed", "steps")),
+                           ("solver", SOLVERS)):
+            if getattr(cfg, key) not in valid:
+                raise ValueError(f"model.{key} must be one of {', '.join(valid)}; got {getattr(cfg, key)!r}")
+        self.memory = DynamicMemory(cfg.memory_size, cfg.code_dim, sigma_xi=cfg.sigma_xi,
+                                    learn_sigma_xi=cfg.learn_sigma_xi, sigma_w0=cfg.sigma_w0,
+                                    sigma_w_init=cfg.sigma_w_init, solver=cfg.solver)
+        self.to_code = nn.Linear(self.encoder.out_dim, cfg.code_dim)  # e(x) = to_code(encoder(x))
+
+    # ---- pieces --------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C, H, W) -> z = e(x): (B, T, C_z)."""
+        return self.to_code(self.encode_images(x))
+
+    def _write(self, z: torch.Tensor) -> tuple[MemoryState, torch.Tensor | None]:
+        """q(M | X) from codes z (B, T, C); also the per-step KLs (B,) when memory_kl is 'steps'."""
+        prior = self.memory.prior(z.shape[0])
+        w = self.memory.address(prior.R, z)  # (B, T, K) writing addresses against R_0
+        if self.cfg.memory_kl == "steps":
+            post, kl_steps = write_online(prior, w, z, self.memory.sigma_xi2, self.memory.u_diag_clip)
+            return post, kl_steps.sum(-1)
+        return self.memory.write(prior, w, z, mode=self.cfg.write_mode), None
+
+    # ---- EpisodeModel interface -----------------------------------------------------------
+    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
+        self.check_episodes(x, self.image_shape)
+        T = x.shape[1]
+        z = self.embed(x)  # (B, T, C)
+        post, kl_steps = self._write(z)  # R (B, K, C), U (B, K, K)
+        kl_M = self.memory.kl(post)  # (B,)
+        sample = self.cfg.sample or not self.training
+        M = self.memory.sample(post) if sample else post.R  # (B, K, C)
+        mu_w = self.memory.address(M, z)  # (B, T, K) mean of q(w | z, M)
+        w = self.memory.sample_w(mu_w) if sample else mu_w
+        recon = -self.log_px(self.decode_codes(w @ M), x).mean(1)  # (B,)
+        kl_w = self.memory.kl_w(mu_w).mean(1)  # (B,)
+        kl = kl_w + kl_M / T
+        neg_elbo = recon + kl
+        ae = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,) autoencoder term, training only
+        loss = neg_elbo + self.cfg.ae_weight * ae
+        if kl_steps is not None:
+            loss = loss + (kl_steps - kl_M) / T
+        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
+                             parts={"kl_w": kl_w, "kl_M": kl_M / T}, extras={"ae_recon": ae})
+
+    def write(self, x: torch.Tensor) -> MemoryState:
+        """q(M | X) from the episode x (B, T, C, H, W)."""
+        return self._write(self.embed(x))[0]
+
+    def addressing(self, x: torch.Tensor) -> torch.Tensor:
+        """Reading addresses mu_w (B, T, K) of x on the memory written from x."""
+        z = self.embed(x)
+        return self.memory.address(self._write(z)[0].R, z)
+
+    def read(self, x: torch.Tensor, memory: MemoryState | None = None) -> torch.Tensor:
+        """One attractor step: decoder params (B, T, ...) of mu_w^T R, mu_w = solve(R, e(x))."""
+        if memory is None:
+            memory = self.memory.prior(x.shape[0])
+        return self.decode_codes(self.memory.address(memory.R, self.embed(x)) @ memory.R)
+
+    def energy(self, x: torch.Tensor, memory: MemoryState) -> torch.Tensor:
+        """Per-image negative ELBO (B, T) of queries x at the means (w = mu_w, M = R), in nats."""
+        mu_w = self.memory.address(memory.R, self.embed(x))
+        return -self.log_px(self.decode_codes(mu_w @ memory.R), x) + self.memory.kl_w(mu_w)
+
+    def generate(self, memory: MemoryState | None, n: int, batch: int = 1) -> torch.Tensor:
+        """Samples (B, n, C, H, W): w ~ p(w), M ~ memory (the prior if None), decode w^T M."""
+        if memory is None:
+            memory = self.memory.prior(batch)
+        B, K = memory.R.shape[:2]
+        w = torch.randn(B, n, K, device=memory.R.device, dtype=memory.R.dtype) * self.memory.sigma_w0
+        return self.mean_image(self.decode_codes(w @ self.memory.sample(memory)))
+
+    @torch.no_grad()
+    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """Importance-sampled ln p(X) / T per episode, proposal q(M | X) q(W | X, M) (joint over the episode)."""
+        B, T = x.shape[:2]
+        z = self.embed(x)
+        post = self._write(z)[0]
+        prior = self.memory.prior(B)
+        log_sigma_w = self.memory.log_sigma_w
+        log_w = []
+        for _ in range(samples):
+            M = self.memory.sample(post)
+            mu_w = self.memory.address(M, z)
+            w = self.memory.sample_w(mu_w)
+            log_q_w = (-0.5 * ((w - mu_w) / log_sigma_w.exp()) ** 2 - log_sigma_w - 0.5 * LOG_2PI).sum(-1)
+            log_p_w = (-0.5 * (w / self.memory.sigma_w0) ** 2 - math.log(self.memory.sigma_w0) - 0.5 * LOG_2PI).sum(-1)
+            lw = (self.log_px(self.decode_codes(w @ M), x) + log_p_w - log_q_w).sum(1)  # (B,)
+            log_w.append(lw + log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post))
+        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / T
