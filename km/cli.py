@@ -84,7 +84,7 @@ def cmd_denoise(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from km.pictures import addressing_heatmap, sample_chain
+    from km.pictures import addressing_heatmap, machine_pictures, sample_chain
 
     run_dir, dm, model, x = _test_episodes(args)
     path = sample_chain(model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png")
@@ -92,6 +92,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     heat = addressing_heatmap(model, x, run_dir / "samples" / "addressing.png")
     if heat:
         print(f"addressing: {heat}")
+    for pic in machine_pictures(model, x, run_dir / "samples"):
+        print(f"machines: {pic}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -96,3 +96,38 @@ def addressing_heatmap(model: Any, x: torch.Tensor, path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def machine_pictures(model: Any, x: torch.Tensor, folder: Path, per_machine: int = 12) -> list[Path]:
+    """Product memories: a grid of items grouped by their dominant machine (one row per machine, empty
+    cells grey) and a bar chart of machine usage (dominant-machine counts and mean weight). [] if the
+    model has a single memory."""
+    if not hasattr(model, "item_machines"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    pi = model.item_machines(x).flatten(0, 1).float().cpu()  # (N, P)
+    items = x.flatten(0, 1).float().cpu()  # (N, C, H, W)
+    P = pi.shape[1]
+    dominant = pi.argmax(-1)  # (N,)
+    rows = []
+    for p in range(P):
+        chosen = items[dominant == p][:per_machine]
+        pad = torch.full((per_machine - len(chosen), *items.shape[1:]), 0.5)
+        rows.append(torch.cat([chosen, pad]))
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = _save_rows(rows, folder / "machines.png")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].bar(range(P), torch.bincount(dominant, minlength=P).numpy())
+    ax[0].set(xlabel="machine", ylabel="items", title=f"dominant machine of {len(items)} items")
+    ax[1].bar(range(P), pi.mean(0).numpy())
+    ax[1].set(xlabel="machine", ylabel="mean weight pi", title="mean machine weight")
+    fig.tight_layout()
+    fig.savefig(folder / "machine_usage.png", dpi=100)
+    plt.close(fig)
+    return [grid, folder / "machine_usage.png"]

@@ -12,8 +12,11 @@ from km.memory.kanerva import (
     write_batched,
     write_online,
 )
+from km.memory.product import ProductMemory, weighted_write
 
 __all__ = [
+    "ProductMemory",
+    "weighted_write",
     "DynamicMemory",
     "solve_addresses",
     "KanervaMemory",

@@ -66,7 +66,9 @@ Reading (KM reading inference): z_read = w^T M has mean w^T R and, per code coor
 Sampling: M = R + L eps with L = chol(U), eps ~ N(0, I) of shape (B, K, C) (reparameterised).
 
 All functions are pure (no in-place updates of their inputs), batched, differentiable and dtype agnostic.
-``sigma_xi2`` is the noise *variance* sigma_xi^2 (a float or a scalar tensor).
+``sigma_xi2`` is the noise *variance* sigma_xi^2: a float or a scalar tensor, or, for the writes, a tensor
+(B, T) of per-item variances (an item observed with noise sigma^2 / pi counts with weight pi: the
+Product Kanerva Machine's weighted writes). Leading batch dimensions may be several, e.g. (B, P).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ def _symmetrise_and_clip(U: Tensor, u_diag_clip: DiagClip) -> Tensor:
     return U
 
 
+def _per_item(sigma_xi2: float | Tensor) -> bool:
+    """True when the noise variance is given per item, a tensor (..., T), rather than one scalar."""
+    return isinstance(sigma_xi2, Tensor) and sigma_xi2.dim() > 0
+
+
 def write_batched(
     state: MemoryState, w: Tensor, z: Tensor, sigma_xi2: float | Tensor, u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP
 ) -> MemoryState:
@@ -145,7 +152,10 @@ def write_batched(
     eye_T = torch.eye(T, dtype=U.dtype, device=U.device)
     Delta = z - w @ R  # (B, T, C)
     Sigma_c = w @ U  # (B, T, K)
-    Sigma_z = Sigma_c @ w.transpose(-1, -2) + sigma_xi2 * eye_T  # (B, T, T)
+    if _per_item(sigma_xi2):  # (B, T) noise variance of each item: diagonal of the noise covariance
+        Sigma_z = Sigma_c @ w.transpose(-1, -2) + torch.diag_embed(sigma_xi2)  # (B, T, T)
+    else:
+        Sigma_z = Sigma_c @ w.transpose(-1, -2) + sigma_xi2 * eye_T  # (B, T, T)
     G = torch.cholesky_solve(Sigma_c, safe_cholesky(Sigma_z))  # (B, T, K)  Sigma_z^{-1} Sigma_c
     R_new = R + G.transpose(-1, -2) @ Delta  # R + Sigma_c^T Sigma_z^{-1} Delta
     U_new = U - Sigma_c.transpose(-1, -2) @ G  # U - Sigma_c^T Sigma_z^{-1} Sigma_c
@@ -159,14 +169,15 @@ def write_online(
     R, U = state  # R: (B, K, C), U: (B, K, K)
     C = R.shape[-1]
     kl_steps = []
+    per_item = _per_item(sigma_xi2)
     for t in range(w.shape[-2]):
-        w_t, z_t = w[:, t], z[:, t]  # (B, K), (B, C)
-        wU = torch.einsum("bk,bkl->bl", w_t, U)  # (B, K)  w^T U (= (U w)^T, U symmetric)
+        w_t, z_t = w[..., t, :], z[..., t, :]  # (B, K), (B, C)
+        wU = torch.einsum("...k,...kl->...l", w_t, U)  # (B, K)  w^T U (= (U w)^T, U symmetric)
         wUw = (wU * w_t).sum(-1)  # (B,)
-        s = wUw + sigma_xi2  # (B,)  scalar Sigma_z
-        Delta = z_t - torch.einsum("bk,bkc->bc", w_t, R)  # (B, C)
-        R = R + wU[:, :, None] * (Delta / s[:, None])[:, None, :]
-        U = _symmetrise_and_clip(U - wU[:, :, None] * (wU / s[:, None])[:, None, :], u_diag_clip)
+        s = wUw + (sigma_xi2[..., t] if per_item else sigma_xi2)  # (B,)  scalar Sigma_z
+        Delta = z_t - torch.einsum("...k,...kc->...c", w_t, R)  # (B, C)
+        R = R + wU[..., :, None] * (Delta / s[..., None])[..., None, :]
+        U = _symmetrise_and_clip(U - wU[..., :, None] * (wU / s[..., None])[..., None, :], u_diag_clip)
         beta = wUw / s  # (B,)
         kl_steps.append(-0.5 * (C * beta - beta / s * Delta.pow(2).sum(-1) + C * torch.log1p(-beta)))
     return MemoryState(R, U), torch.stack(kl_steps, dim=-1)
@@ -229,12 +240,14 @@ class KanervaMemory(nn.Module):
         sigma_xi: float = 1.0,
         learn_sigma_xi: bool = False,
         u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+        machines: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.K, self.C = K, C
         self.u_diag_clip = u_diag_clip
-        self.R0 = nn.Parameter(nn.init.trunc_normal_(torch.empty(K, C), std=1.0, a=-2.0, b=2.0))  # (K, C)
-        self.s = nn.Parameter(torch.zeros(()))  # ln prior variance scale
+        # (*machines, K, C): several independent memories side by side (PKM), one by default
+        self.R0 = nn.Parameter(nn.init.trunc_normal_(torch.empty(*machines, K, C), std=1.0, a=-2.0, b=2.0))
+        self.s = nn.Parameter(torch.zeros(machines))  # ln prior variance scale (one per memory)
         log_sigma_xi = torch.tensor(math.log(sigma_xi))
         if learn_sigma_xi:
             self.log_sigma_xi = nn.Parameter(log_sigma_xi)
@@ -249,8 +262,8 @@ class KanervaMemory(nn.Module):
     def prior(self, B: int) -> MemoryState:
         """Prior MN(R_0, U_0, I_C) expanded to batch B (a view: differentiable w.r.t. R0 and s)."""
         eye_K = torch.eye(self.K, dtype=self.R0.dtype, device=self.R0.device)
-        U0 = (torch.exp(self.s) + 1e-6) * eye_K  # (K, K)
-        return MemoryState(self.R0.expand(B, self.K, self.C), U0.expand(B, self.K, self.K))
+        U0 = (torch.exp(self.s)[..., None, None] + 1e-6) * eye_K  # (*machines, K, K)
+        return MemoryState(self.R0.expand(B, *self.R0.shape), U0.expand(B, *U0.shape))
 
     def write(self, state: MemoryState, w: Tensor, z: Tensor, mode: str = "batched") -> MemoryState:
         """Posterior after writing codes z (B, T, C) at w (B, T, K); ``mode`` is "batched" or "online"."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, NonFiniteLossError
 from km.models.dkm import DKMConfig, DynamicKanervaMachine
 from km.models.km import KanervaMachine, KMConfig
+from km.models.pkm import PKMConfig, ProductKanervaMachine
 from km.models.vae import VAE, VAEConfig
 
 MODELS: dict[str, tuple[type[EpisodeModel], type[ModelConfig]]] = {
     "vae": (VAE, VAEConfig),
     "km": (KanervaMachine, KMConfig),
     "dkm": (DynamicKanervaMachine, DKMConfig),
+    "pkm": (ProductKanervaMachine, PKMConfig),
 }
 
-__all__ = ["MODELS", "DKMConfig", "DynamicKanervaMachine", "KanervaMachine", "KMConfig", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]
+__all__ = ["MODELS", "PKMConfig", "ProductKanervaMachine", "DKMConfig", "DynamicKanervaMachine", "KanervaMachine", "KMConfig", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]

@@ -179,7 +179,7 @@ class KanervaMachine(EpisodeModel):
         if memory is None:
             memory = self.memory.prior(batch)
         B = memory.R.shape[0]
-        y = torch.randn(B, n, self.cfg.y_dim, device=memory.R.device)
+        y = torch.randn(B, n, self.cfg.y_dim, device=memory.R.device, dtype=memory.R.dtype)
         M = self.memory.sample(memory)
         r = self.address(y) @ M  # (B, n, C)
         z = r + torch.randn_like(r) * self._log_sigma_xi().exp()
