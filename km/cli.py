@@ -84,7 +84,7 @@ def cmd_denoise(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from km.pictures import addressing_heatmap, machine_pictures, sample_chain
+    from km.pictures import addressing_heatmap, machine_pictures, sample_chain, window_picture
 
     run_dir, dm, model, x = _test_episodes(args)
     path = sample_chain(model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png")
@@ -94,6 +94,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"addressing: {heat}")
     for pic in machine_pictures(model, x, run_dir / "samples"):
         print(f"machines: {pic}")
+    win = window_picture(model, x, run_dir / "samples" / "windows.png")
+    if win:
+        print(f"read windows: {win}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -131,3 +131,44 @@ def machine_pictures(model: Any, x: torch.Tensor, folder: Path, per_machine: int
     fig.savefig(folder / "machine_usage.png", dpi=100)
     plt.close(fig)
     return [grid, folder / "machine_usage.png"]
+
+
+@torch.no_grad()
+def window_picture(model: Any, x: torch.Tensor, path: Path, items: int = 8) -> Path | None:
+    """Block memories (K++): the memory mean of the first episode (channel mean) with the read windows
+    of its first items drawn on it, one colour per item; None if the model has no windowed reads."""
+    if not hasattr(model, "read_keys"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from km.memory.block import key_to_theta
+
+    model.eval()
+    memory = model.write(x[:1])
+    theta = key_to_theta(model.read_keys(x[:1], memory)[0, :items], model.cfg.window, model.cfg.mem_size).cpu()
+    S = model.cfg.mem_size
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), gridspec_kw={"width_ratios": [1, 1]})
+    axes[0].imshow(memory[0][0].mean(0).float().cpu().numpy(), cmap="gray")
+    colours = plt.cm.tab10.colors
+    for i, th in enumerate(theta):
+        a, tx, ty = th[0, 0].item(), th[0, 2].item(), th[1, 2].item()
+        # normalised [-1, 1] (align_corners=False) -> cell coordinates, origin at the top-left cell's corner
+        x0, y0, side = (tx - a + 1) / 2 * S - 0.5, (ty - a + 1) / 2 * S - 0.5, a * S
+        axes[0].add_patch(Rectangle((x0, y0), side, side, fill=False, lw=1.5, color=colours[i % 10]))
+    axes[0].set(title=f"memory mean (channel mean), {len(theta)} read windows", xlim=(-0.5, S - 0.5), ylim=(S - 0.5, -0.5))
+    strip = torch.cat(list(x[0, :items, 0].float().cpu()), dim=1)  # the items, side by side
+    axes[1].imshow(strip.numpy(), cmap="gray")
+    for i in range(len(theta)):
+        axes[1].add_patch(Rectangle((i * x.shape[-1], 0), x.shape[-1] - 1, x.shape[-2] - 1, fill=False, lw=2,
+                                    color=colours[i % 10]))
+    axes[1].set(title="items (frame colour = window)")
+    axes[1].axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -35,3 +35,18 @@ def tiny(tmp_path: Path, *extra: str, model: str = "vae", data: str = "mnist") -
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def assert_is_estimate_consistent_with_bound(model, x, n: int = 1000, seed: int = 2) -> None:
+    """E_q[ln w] with one importance sample equals the ELBO (the IS weights use the bound's densities),
+    and 100 samples give a tighter (higher) estimate than the bound's mean."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        xs = x.repeat(n, 1, 1, 1, 1)  # n independent draws of the same episodes
+        elbo = -model.episode_elbo(xs).neg_elbo.view(n, -1)
+        is1 = model.log_likelihood_is(xs, 1).view(n, -1)
+        se = (elbo.var(0) / n + is1.var(0) / n).sqrt()
+        assert ((elbo.mean(0) - is1.mean(0)).abs() < 4 * se + 1e-3).all(), (elbo.mean(0), is1.mean(0), se)
+        assert (model.log_likelihood_is(x, 100) > elbo.mean(0)).all()
