@@ -126,7 +126,7 @@ def test_shipped_specs_and_grid_exhaustion() -> None:
     while (cfg := sweep.suggest(spec, runs)) is not None:
         runs.append({"name": f"r{len(runs) + 1:03d}", "config": cfg, "status": "finished", "metric": 1.0})
     assert {(r["config"]["model"], r["config"]["data"], r["config"]["seed"]) for r in runs} == {
-        (m, d, s) for m in ("vae", "km", "dkm", "pkm") for d in ("mnist", "omniglot") for s in (1, 2)}
+        (m, d, s) for m in ("vae", "km", "dkm", "pkm", "kpp_cpu") for d in ("mnist", "omniglot") for s in (1, 2)}
     cmd = sweep.build_command(spec, {"name": "sw", "overrides": ["seed=9", "trainer.max_epochs=1"]}, runs[0], [])
     assert cmd[1:4] == ["-m", "km.cli", "train"] and cmd[-3:] == ["name=sw", "run_id=r001", "resume=auto"]
     assert "seed=9" not in cmd and "trainer.max_epochs=1" not in cmd  # swept values win over fixed ones
