@@ -103,18 +103,29 @@ def test_interface_shapes_and_errors() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """KM and DKM trained on real MNIST with the same nets, data, seed and budget."""
+    """KM and DKM trained on real MNIST with the same nets, data, seed and budget (384 steps, about a
+    minute each on 2 cores: at 96 steps both models' iterated reads still fade to the black image)."""
     tmp = tmp_path_factory.mktemp("dkm")
     runs = {}
     for model in ("km", "dkm"):
         ov = tiny(tmp, model=model) + [
             "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
             "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-            "trainer.max_epochs=3", "model.lr=2e-3", "eval.is_samples=2", f"run_id={model}",
+            "trainer.max_epochs=12", "model.lr=2e-3", "eval.is_samples=2", f"run_id={model}",
         ]
         train(compose_config(ov))
         runs[model] = tmp / "runs" / "default" / model
     return runs
+
+
+def _black_image_error(run: Path, episodes: int = 8) -> float:
+    """Pixel error of the all-black image on the test items that `km attract --episodes 8` uses."""
+    from km.evaluate import load_run
+
+    _, _, _, dm, _ = load_run(run)
+    dm.setup("test")
+    x = dm.get_batch("test", next(iter(dm.test_dataloader()))["idx"][:episodes])["x"]
+    return x.mean().item()
 
 
 def _denoise_table(run: Path, capsys) -> list[list[float]]:
@@ -130,26 +141,30 @@ def test_dkm_learns_on_real_mnist(trained: dict[str, Path]) -> None:
 
     run = trained["dkm"]
     val = epoch_metrics(run, "val/neg_elbo")
-    assert val[2] < 230 and val[2] < val[0] - 15, val  # untrained: ~540 nats/image
-    parts = {k: epoch_metrics(run, f"val/{k}")[2] for k in ("kl_w", "kl_M", "recon")}
-    assert parts["kl_M"] > 0 and val[2] == pytest.approx(sum(parts.values()), rel=1e-4)
-    assert epoch_metrics(run, "val/ae_recon")[2] > 0  # logged, not part of the bound
+    last = max(val)
+    assert len(val) == 12 and val[last] < 175 and val[last] < val[0] - 50, val  # untrained: ~540 nats/image
+    parts = {k: epoch_metrics(run, f"val/{k}")[last] for k in ("kl_w", "kl_M", "recon")}
+    assert parts["kl_M"] > 0 and val[last] == pytest.approx(sum(parts.values()), rel=1e-4)
+    assert epoch_metrics(run, "val/ae_recon")[last] > 0  # logged, not part of the bound
     ev = json.loads((run / "eval.json").read_text())
     assert ev["model"] == "dkm" and ev["metrics"]["test/nll_is2"] > 0
     assert (run / "samples" / "addressing_002.png").exists()
 
 
 @needs_data
-def test_attractor_energy_does_not_rise_and_cli_outputs(trained: dict[str, Path], capsys) -> None:
-    """DKM's energy (the negative ELBO of the query) acts as a Lyapunov function of the attractor
-    dynamics: from 15%-flipped queries it does not rise from step to step on average. KM's iterative
-    reading runs from the same start (same corrupted queries, same table without an energy column).
-    Which model ends closer to the clean patterns is measured by bench/denoise.py on trained runs, not
-    asserted here: at this budget both fade towards the all-black image."""
+def test_attractor_dynamics_denoise_and_energy_falls(trained: dict[str, Path], capsys) -> None:
+    """Clean episodes written, 15%-flipped queries: every DKM attractor iteration is closer to the clean
+    patterns than the query and than the all-black image (a chain that merely fades scores that), and
+    DKM's energy (the negative ELBO of the query, the paper's Lyapunov function) does not rise from step
+    to step on average. KM reads from the same start. Whether DKM beats KM's reading is not asserted:
+    at this budget it depends on the seed (DKM 0.113 vs KM 0.105 pixel error after one read here, 0.116
+    vs 0.138 in a rerun); bench/denoise.py measures it on trained runs (see the README)."""
     dkm = _denoise_table(trained["dkm"], capsys)  # rows: iter, L1, pixel error, energy
     km = _denoise_table(trained["km"], capsys)  # rows: iter, L1, pixel error
     assert len(dkm) == len(km) == 6 and len(dkm[0]) == 4 and len(km[0]) == 3
     assert dkm[0][2] == pytest.approx(km[0][2]) and dkm[0][2] == pytest.approx(0.15, abs=0.02)  # same start
+    black = _black_image_error(trained["dkm"])
+    assert max(row[2] for row in dkm[1:]) < black - 0.01 < dkm[0][2], (black, dkm)
     energy = [row[3] for row in dkm]
     steps = [b - a for a, b in zip(energy[:-1], energy[1:], strict=True)]
     assert sum(steps) / len(steps) <= 0 and energy[-1] < energy[0], energy
