@@ -142,3 +142,17 @@ def test_kpp_learns_on_real_mnist_and_pictures(tmp_path: Path, capsys) -> None:
     assert json.loads((run / "eval.json").read_text())["model"] == "kpp"
     main(["sample", str(run), "--iters", "1"])
     assert (run / "samples" / "windows.png").exists()
+
+
+def test_authors_sized_config_composes_and_trains_one_step(tmp_path: Path) -> None:
+    """configs/model/kpp.yaml (memory 8 x 128 x 128, window 32, 20 read steps, latent 256): one step on CPU."""
+    from km.models import MODELS
+
+    cfg = compose_config(["model=kpp", "data=mnist", f"runs_dir={tmp_path}", "net.channels=[4,8,8]", "net.embed_dim=16"])
+    assert (cfg.model.mem_size, cfg.model.window, cfg.model.read_steps, cfg.model.code_dim) == (128, 32, 20, 256)
+    cls, cfg_cls = MODELS["kpp"]
+    model = cls(cfg_cls(**{k: v for k, v in cfg.model.items()}), NetConfig(channels=[4, 8, 8], embed_dim=16),
+                SHAPE, "bernoulli")
+    loss = model.episode_elbo(episodes(b=1, t=3)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.writer.up[-1].weight.grad.abs().sum() > 0
