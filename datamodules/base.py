@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .episodes import EpisodeLoader, stable_seed
-from .paths import DataFiles
+from .paths import DataError, DataFiles
 
 SPLITS = ("train", "val", "test")
 
@@ -50,6 +50,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     """
 
     name: str
+    labels_hint: str = ""  # how to get labelled training items when a split has none (class episodes)
     image_shape: tuple[int, int, int]
     likelihood: str
     default_val_size: int
@@ -117,6 +118,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         """EpisodeLoader over ``split`` (training order for "train", fixed order otherwise)."""
         self.setup()
         train = split == "train"
+        if train and self.episode_mode == "class" and bool((self.y[split] < 0).any()):
+            raise DataError(
+                f"data.episodes=class needs class labels, but the {self.name} {split} split has none. "
+                + (self.labels_hint or "Use data.episodes=iid.")
+            )
         return EpisodeLoader(
             split,
             len(self.x[split]),

@@ -46,6 +46,8 @@ class MNISTDataModule(InMemoryDataModule):
     """Binarised MNIST, image (1, 28, 28), Bernoulli likelihood."""
 
     name = "mnist"
+    labels_hint = ("The static Larochelle arrays carry no labels: add data.binarize=dynamic (the grey MNIST "
+                   "training images, with labels; evaluation episodes stay iid on the static split).")
     image_shape = (1, 28, 28)
     likelihood = "bernoulli"
     default_val_size = 10_000

@@ -164,8 +164,12 @@ def test_class_episodes(loaded, name):
 def test_class_episodes_need_labels(loaded):
     dm = MNISTDataModule(episodes="class")
     dm.x, dm.y = loaded("mnist").x, loaded("mnist").y
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="needs class labels.*data.binarize=dynamic"):
         next(iter(dm.train_dataloader()))
+    dyn = MNISTDataModule(episodes="class", binarize="dynamic", classes_per_episode=2)
+    dyn.setup("fit")  # the grey training images carry their labels
+    labels = dyn.y["train"][next(iter(dyn.train_dataloader()))["idx"]]  # (B, T)
+    assert all(len(row.unique()) == 2 for row in labels)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

@@ -147,6 +147,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys) -> None:
         (["train", f"resume={tmp_path / 'nope'}"], "cannot resume"),
         (["train", *tiny(tmp_path, "run_id=r")], "already holds a run"),
         (["train", *tiny(tmp_path, f"data.data_dir={tmp_path / 'empty'}")], "km data download mnist"),
+        (["train", *tiny(tmp_path, "run_id=c", "data.episodes=class")], "add data.binarize=dynamic"),
     ]
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
