@@ -37,6 +37,13 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+def binary_episodes(b: int = 2, t: int = 4, seed_base: int = 100, shape=(1, 28, 28)):
+    """(b, t, *shape) Bernoulli(0.3) episodes, the same for the same (b, t): seed b * seed_base + t."""
+    import torch
+
+    return torch.bernoulli(torch.full((b, t, *shape), 0.3), generator=torch.Generator().manual_seed(b * seed_base + t))
+
+
 def assert_is_estimate_consistent_with_bound(model, x, n: int = 1000, seed: int = 2) -> None:
     """E_q[ln w] with one importance sample equals the ELBO (the IS weights use the bound's densities),
     and 100 samples give a tighter (higher) estimate than the bound's mean."""

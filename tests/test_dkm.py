@@ -18,6 +18,7 @@ from km.models import DKMConfig, DynamicKanervaMachine
 from km.nets import NetConfig
 from km.train import train
 from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny
+from tests.conftest import binary_episodes as episodes
 
 SHAPE = (1, 28, 28)
 NET = NetConfig(channels=[4, 8, 8], embed_dim=16)
@@ -27,9 +28,6 @@ def small_dkm(**kw) -> DynamicKanervaMachine:
     torch.manual_seed(0)
     return DynamicKanervaMachine(DKMConfig(code_dim=6, memory_size=5, **kw), NET, SHAPE, "bernoulli")
 
-
-def episodes(b: int = 2, t: int = 4) -> torch.Tensor:
-    return torch.bernoulli(torch.full((b, t, *SHAPE), 0.3), generator=torch.Generator().manual_seed(b * 100 + t))
 
 
 def test_bound_terms_match_references() -> None:

@@ -17,6 +17,7 @@ from km.models import KanervaMachine, KMConfig
 from km.nets import NetConfig
 from km.train import train
 from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny
+from tests.conftest import binary_episodes as episodes
 
 SHAPE = (1, 28, 28)
 NET = NetConfig(channels=[4, 8, 8], embed_dim=16)
@@ -27,9 +28,6 @@ def small_km(**kw) -> KanervaMachine:
     cfg = KMConfig(code_dim=6, memory_size=5, y_dim=3, addr_dim=4, hidden=16, **kw)
     return KanervaMachine(cfg, NET, SHAPE, "bernoulli")
 
-
-def episodes(b: int = 2, t: int = 4) -> torch.Tensor:
-    return torch.bernoulli(torch.full((b, t, *SHAPE), 0.3), generator=torch.Generator().manual_seed(b * 100 + t))
 
 
 def test_bound_terms_match_references_sampled_memory() -> None:

@@ -4,6 +4,7 @@ every KL in the bound (against torch.distributions), IS consistency, and learnin
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from km.memory.block import BlockMemoryWriter, key_to_theta, offset_theta, read_
 from km.models import KanervaPlusPlus, KPPConfig
 from km.nets import NetConfig
 from km.train import train
-from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny
+from tests.conftest import assert_is_estimate_consistent_with_bound, binary_episodes, needs_data, tiny
 
 DT = torch.float64
 SHAPE = (1, 28, 28)
@@ -70,8 +71,7 @@ def small_kpp(**kw) -> KanervaPlusPlus:
     return KanervaPlusPlus(cfg, NET, SHAPE, "bernoulli")
 
 
-def episodes(b: int = 2, t: int = 4) -> torch.Tensor:
-    return torch.bernoulli(torch.full((b, t, *SHAPE), 0.3), generator=torch.Generator().manual_seed(b * 10 + t))
+episodes = partial(binary_episodes, seed_base=10)  # (b, t, 1, 28, 28) binary episodes
 
 
 def test_bound_includes_every_kl_against_torch_distributions() -> None:
