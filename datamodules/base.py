@@ -41,8 +41,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         data_dir: data folder (else KM_DATA_DIR, else <repo>/../shared/data).
         episode_length: T, images per episode.
         batch_size: B, episodes per batch.
-        episodes: "iid" (random permutation) or "class" (``classes_per_episode`` classes per
-            episode; training only, val/test are always iid so all runs share them).
+        episodes: training episodes, "iid" (random permutation) or "class" (``classes_per_episode``
+            classes per episode).
+        eval_episodes: test episodes, "iid" (default) or "class"; fixed by ``eval_seed`` either way,
+            so every run is scored on the same episodes. Val episodes are always iid (checkpoint
+            selection compares runs on one protocol).
         train_episodes_per_epoch: default N_train // T.
         val_episodes, test_episodes: default all full episodes of the split.
         val_size: images carved from train for validation (data set default if None).
@@ -62,6 +65,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         episodes: str = "iid",
         classes_per_episode: int = 4,
+        eval_episodes: str = "iid",
         train_episodes_per_epoch: int | None = None,
         val_episodes: int | None = None,
         test_episodes: int | None = None,
@@ -70,12 +74,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         eval_seed: int = 0,
     ):
         super().__init__()
-        if episodes not in ("iid", "class"):
-            raise ValueError(f"episodes must be 'iid' or 'class', got {episodes!r}")
+        for key, mode in (("episodes", episodes), ("eval_episodes", eval_episodes)):
+            if mode not in ("iid", "class"):
+                raise ValueError(f"{key} must be 'iid' or 'class', got {mode!r}")
         self._data_dir_arg = data_dir
         self.data_dir = data_dir  # the resolved folder once verify() or setup() ran
         self.episode_length, self.batch_size = episode_length, batch_size
         self.episode_mode, self.classes_per_episode = episodes, classes_per_episode
+        self.mode = {"train": episodes, "val": "iid", "test": eval_episodes}  # split -> episode construction
         self.n_episodes = {"train": train_episodes_per_epoch, "val": val_episodes, "test": test_episodes}
         self.val_size = self.default_val_size if val_size is None else val_size
         self.seed, self.eval_seed = seed, eval_seed
@@ -118,10 +124,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         """EpisodeLoader over ``split`` (training order for "train", fixed order otherwise)."""
         self.setup()
         train = split == "train"
-        if train and self.episode_mode == "class" and bool((self.y[split] < 0).any()):
+        if self.mode[split] == "class" and bool((self.y[split] < 0).any()):
+            key = "episodes" if train else "eval_episodes"
             raise DataError(
-                f"data.episodes=class needs class labels, but the {self.name} {split} split has none. "
-                + (self.labels_hint or "Use data.episodes=iid.")
+                f"data.{key}=class needs class labels, but the {self.name} {split} split has none. "
+                + (self.labels_hint if train and self.labels_hint else f"Use data.{key}=iid.")
             )
         return EpisodeLoader(
             split,
@@ -130,7 +137,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             self.batch_size,
             train=train,
             n_episodes=self.n_episodes[split],
-            mode=self.episode_mode if train else "iid",
+            mode=self.mode[split],
             labels=self.y[split],
             classes_per_episode=self.classes_per_episode,
             seed=self.seed if train else stable_seed("eval", self.eval_seed),

@@ -1,7 +1,11 @@
 """Binarised MNIST (Larochelle & Murray 50k/10k/10k split), static or dynamic binarisation.
 
-``binarize="static"``: the fixed binary arrays of ``binarized_mnist/binarized_mnist.npz``;
-no labels (y = -1). ``binarize="dynamic"`` (training only): the first 50,000 grey MNIST
+``binarize="static"``: the fixed binary arrays of ``binarized_mnist/binarized_mnist.npz``.
+Its train and valid parts are shuffled and carry no labels (y = -1). Its test part is the MNIST
+test set sorted by class (stable, in MNIST order): matching each binary image to the most likely
+grey MNIST test image gives labels 0..9 in blocks of ``TEST_CLASS_COUNTS`` with no exception,
+every boundary item's best match is in its block by >= 62 nats, and `tests/test_data.py` checks
+a sample on every run. So the test split has labels and supports ``eval_episodes=class``. ``binarize="dynamic"`` (training only): the first 50,000 grey MNIST
 training images (``MNIST/raw/train-*``; the same images as the Larochelle train part, in
 MNIST's order, with labels), re-binarised by Bernoulli(grey / 255) for every batch drawn;
 val/test stay the static Larochelle arrays.
@@ -22,6 +26,7 @@ NPZ = "binarized_mnist/binarized_mnist.npz"
 TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte.gz"
 N_TRAIN = 50_000
+TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)  # digits 0..9 of MNIST t10k
 
 
 def read_binarized_npz(path: Path) -> dict[str, np.ndarray]:
@@ -46,8 +51,8 @@ class MNISTDataModule(InMemoryDataModule):
     """Binarised MNIST, image (1, 28, 28), Bernoulli likelihood."""
 
     name = "mnist"
-    labels_hint = ("The static Larochelle arrays carry no labels: add data.binarize=dynamic (the grey MNIST "
-                   "training images, with labels; evaluation episodes stay iid on the static split).")
+    labels_hint = ("The static Larochelle training arrays carry no labels: add data.binarize=dynamic "
+                   "(the grey MNIST training images, with labels).")
     image_shape = (1, 28, 28)
     likelihood = "bernoulli"
     default_val_size = 10_000
@@ -69,6 +74,9 @@ class MNISTDataModule(InMemoryDataModule):
         for split, key in (("train", "train"), ("val", "valid"), ("test", "test")):
             x = torch.from_numpy(static[key]).view(-1, *self.image_shape)  # (N, 1, 28, 28) 0/1
             splits[split] = (x, torch.full((len(x),), -1, dtype=torch.long))
+        counts = torch.tensor(TEST_CLASS_COUNTS)
+        if counts.sum() == len(splits["test"][0]):  # the Larochelle test part: MNIST t10k sorted by class
+            splits["test"] = (splits["test"][0], torch.repeat_interleave(torch.arange(10), counts))
         if self.binarize == "dynamic":
             grey = files.load(TRAIN_IMAGES, read_idx)[:N_TRAIN]  # (50000, 28, 28) 0..255
             labels = files.load(TRAIN_LABELS, read_idx)[:N_TRAIN]  # (50000,)

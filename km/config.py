@@ -50,6 +50,7 @@ class DataConfig:
     batch_size: int = 16  # B episodes per batch
     episodes: Episodes = Episodes.iid  # iid | class
     classes_per_episode: int = 4
+    eval_episodes: Episodes = Episodes.iid  # test episodes: iid | class (classes_per_episode each); val stays iid
     train_episodes_per_epoch: int | None = None  # None: the whole training split
     val_episodes: int | None = None  # None: every full episode of the split
     test_episodes: int | None = None

@@ -172,6 +172,43 @@ def test_class_episodes_need_labels(loaded):
     assert all(len(row.unique()) == 2 for row in labels)
 
 
+def test_class_test_episodes_fixed_and_class_pure(loaded):
+    base = loaded("mnist")
+    dm = MNISTDataModule(eval_episodes="class", classes_per_episode=2, test_episodes=40)
+    dm.x, dm.y = base.x, base.y
+    test = all_idx(dm.test_dataloader())
+    idx = torch.cat(test)  # (40, 32)
+    assert idx.shape == (40, 32)
+    for row_idx, row in zip(idx, dm.y["test"][idx], strict=True):
+        assert len(row.unique()) == 2 and len(row_idx.unique()) == 32  # 16 distinct items of each of 2 digits
+    again = MNISTDataModule(seed=9, eval_episodes="class", classes_per_episode=2, test_episodes=40)
+    again.x, again.y = base.x, base.y
+    assert all(torch.equal(a, b) for a, b in zip(test, all_idx(again.test_dataloader()), strict=True))
+    # val stays iid (checkpoint selection compares runs on one protocol); train follows data.episodes
+    assert torch.equal(torch.cat(all_idx(dm.val_dataloader())), torch.cat(all_idx(base.val_dataloader())))
+    no_labels = MNISTDataModule(eval_episodes="class")
+    no_labels.x, no_labels.y = base.x, dict(base.y, test=torch.full_like(base.y["test"], -1))
+    with pytest.raises(DataError, match="eval_episodes=class needs class labels.*Use data.eval_episodes=iid"):
+        no_labels.test_dataloader()
+
+
+def test_static_mnist_test_labels_match_the_grey_mnist_test_set(loaded, data_root):
+    """The Larochelle test part is MNIST t10k sorted by class: a sample of binary images, each matched
+    to its most likely grey t10k image, has that image's label."""
+    from datamodules.mnist import read_idx
+
+    dm = loaded("mnist")
+    grey = torch.from_numpy(read_idx(data_root / "MNIST/raw/t10k-images-idx3-ubyte.gz").reshape(10_000, -1).copy())
+    grey_labels = torch.from_numpy(read_idx(data_root / "MNIST/raw/t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    p = (grey.double() / 255).clamp(1e-3, 1 - 1e-3)  # (10000, 784)
+    pick = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:300]
+    b = dm.x["test"][pick].view(300, -1).double()  # (300, 784) 0/1
+    match = (b @ p.log().T + (1 - b) @ (1 - p).log().T).argmax(1)  # (300,) most likely grey image
+    assert torch.equal(grey_labels[match], dm.y["test"][pick])
+    assert torch.equal(torch.bincount(dm.y["test"]), torch.bincount(grey_labels))
+    assert bool((dm.y["val"] < 0).all()) and bool((dm.y["train"] < 0).all())  # shuffled parts: no labels
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ddp_sharding_disjoint_and_covering(world_size):
     single_train = torch.cat(EpisodeLoader("train", 10_000, 32, 16, train=True).epoch_batches(2))
