@@ -5,6 +5,9 @@ the energy as a Lyapunov function, pictures and CLI."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,6 @@ from km.config import compose_config
 from km.memory import MemoryState
 from km.models import DKMConfig, DynamicKanervaMachine
 from km.nets import NetConfig
-from km.train import train
 from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny
 from tests.conftest import binary_episodes as episodes
 
@@ -99,21 +101,40 @@ def test_interface_shapes_and_errors() -> None:
             small_dkm(**{key: bad})
 
 
+SEEDS = (1, 2, 3)  # the first three; seed 3 is also the run the single-model tests below look at
+
+
+def _train_cmd(tmp: Path, model: str, seed: int) -> list[str]:
+    overrides = tiny(tmp, model=model) + [
+        "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
+        "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
+        "trainer.max_epochs=12", "model.lr=2e-3", "eval.is_samples=2", "trainer.num_threads=1",
+        f"seed={seed}", f"run_id={model}_s{seed}",
+    ]
+    return [sys.executable, "-c", "import sys; from km.cli import main; main(sys.argv[1:])", "train", *overrides]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """KM and DKM trained on real MNIST with the same nets, data, seed and budget (384 steps, about a
-    minute each on 2 cores: at 96 steps both models' iterated reads still fade to the black image)."""
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+    """KM and DKM trained on real MNIST with the same nets, data and budget (384 steps) at seeds 1-3:
+    one thread per run, so each run is deterministic whatever the machine's core count, and two runs
+    at a time in subprocesses (about 4 minutes on 2 cores). At 96 steps both models' iterated reads
+    still fade to the black image."""
     tmp = tmp_path_factory.mktemp("dkm")
-    runs = {}
-    for model in ("km", "dkm"):
-        ov = tiny(tmp, model=model) + [
-            "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
-            "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-            "trainer.max_epochs=12", "model.lr=2e-3", "eval.is_samples=2", f"run_id={model}",
-        ]
-        train(compose_config(ov))
-        runs[model] = tmp / "runs" / "default" / model
-    return runs
+    jobs = [(model, seed) for seed in SEEDS for model in ("km", "dkm")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for pair in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
+        procs = [(job, subprocess.Popen(_train_cmd(tmp, *job), env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)) for job in pair]
+        for job, proc in procs:
+            out = proc.communicate()[0]
+            assert proc.returncode == 0, f"training {job} failed:\n{out[-3000:]}"
+    return {(model, seed): tmp / "runs" / "default" / f"{model}_s{seed}" for model, seed in jobs}
+
+
+@pytest.fixture(scope="module")
+def trained(study: dict[tuple[str, int], Path]) -> dict[str, Path]:
+    return {model: study[(model, 3)] for model in ("km", "dkm")}
 
 
 def _black_image_error(run: Path, episodes: int = 8) -> float:
@@ -170,6 +191,27 @@ def test_attractor_dynamics_denoise_and_energy_falls(trained: dict[str, Path], c
     main(["sample", str(trained["dkm"]), "--iters", "3"])
     assert (trained["dkm"] / "samples" / "conditional_iters3.png").exists()
     assert (trained["dkm"] / "samples" / "addressing.png").exists()
+
+
+@needs_data
+def test_dkm_attractor_denoises_better_than_km_reading_over_seeds(study: dict[tuple[str, int], Path], capsys) -> None:
+    """The issue's comparison: 15%-flipped queries of written test episodes, DKM's attractor dynamics
+    against KM's iterative reading from the same start, after 5 and 10 iterations, averaged over the
+    training seeds 1-3. Per seed the order is not guaranteed at this budget (over seeds 1-6 DKM wins 5
+    of 6 after 5 iterations; seed 5 loses 0.146 vs 0.125), so the assertion is on the seed mean: DKM
+    0.126 / 0.135 vs KM 0.157 / 0.159 when measured. bench/denoise.py gives the trained-run numbers."""
+    errors: dict[str, list[list[float]]] = {"km": [], "dkm": []}  # model -> per seed, pixel error per iteration
+    for (model, _seed), run in sorted(study.items()):
+        capsys.readouterr()
+        main(["attract", str(run), "--noise", "0.15", "--iters", "10", "--episodes", "8"])
+        rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+        errors[model].append([float(r[2]) for r in rows])  # iterations 0..10
+    for km, dkm in zip(errors["km"], errors["dkm"], strict=True):
+        assert km[0] == pytest.approx(dkm[0]) and km[0] == pytest.approx(0.15, abs=0.02)  # the same queries
+    mean = {m: torch.tensor(e).mean(0) for m, e in errors.items()}  # (11,) over seeds
+    for n in (5, 10):
+        assert mean["dkm"][n] < mean["km"][n] - 0.005, (n, errors)
+        assert mean["dkm"][n] < mean["dkm"][0] - 0.01  # and the attractor cleans the query
 
 
 def test_energy_is_the_deterministic_negative_elbo_of_a_query() -> None:
