@@ -80,7 +80,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self._data_dir_arg = data_dir
         self.data_dir = data_dir  # the resolved folder once verify() or setup() ran
         self.episode_length, self.batch_size = episode_length, batch_size
-        self.episode_mode, self.classes_per_episode = episodes, classes_per_episode
+        self.classes_per_episode = classes_per_episode
         self.mode = {"train": episodes, "val": "iid", "test": eval_episodes}  # split -> episode construction
         self.n_episodes = {"train": train_episodes_per_epoch, "val": val_episodes, "test": test_episodes}
         self.val_size = self.default_val_size if val_size is None else val_size

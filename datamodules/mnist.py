@@ -5,10 +5,15 @@ Its train and valid parts are shuffled and carry no labels (y = -1). Its test pa
 test set sorted by class (stable, in MNIST order): matching each binary image to the most likely
 grey MNIST test image gives labels 0..9 in blocks of ``TEST_CLASS_COUNTS`` with no exception,
 every boundary item's best match is in its block by >= 62 nats, and `tests/test_data.py` checks
-a sample on every run. So the test split has labels and supports ``eval_episodes=class``. ``binarize="dynamic"`` (training only): the first 50,000 grey MNIST
-training images (``MNIST/raw/train-*``; the same images as the Larochelle train part, in
-MNIST's order, with labels), re-binarised by Bernoulli(grey / 255) for every batch drawn;
-val/test stay the static Larochelle arrays.
+a sample on every run. So the test split has labels and supports ``eval_episodes=class``.
+
+``binarize="dynamic"`` (training only): the first 50,000 grey MNIST training images
+(``MNIST/raw/train-*``, with labels), re-binarised by Bernoulli(grey / 255) for every batch drawn;
+val/test stay the static Larochelle arrays. Caveat, found by the same matching: the Larochelle
+train/valid parts are a shuffled split of all 60,000 MNIST training images, not its first 50,000,
+so 8,404 of the 10,000 validation images are binarisations of images in this dynamic training
+set. Val numbers (and checkpoint selection) under ``dynamic`` are therefore optimistic; the test
+split (t10k) is disjoint from both.
 """
 
 from __future__ import annotations

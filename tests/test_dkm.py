@@ -15,7 +15,6 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from km.cli import main
-from km.config import compose_config
 from km.memory import MemoryState
 from km.models import DKMConfig, DynamicKanervaMachine
 from km.nets import NetConfig
@@ -147,9 +146,9 @@ def _black_image_error(run: Path, episodes: int = 8) -> float:
     return x.mean().item()
 
 
-def _denoise_table(run: Path, capsys) -> list[list[float]]:
+def _denoise_table(run: Path, capsys, iters: int = 5) -> list[list[float]]:
     capsys.readouterr()
-    main(["attract", str(run), "--noise", "0.15", "--iters", "5", "--episodes", "8"])
+    main(["attract", str(run), "--noise", "0.15", "--iters", str(iters), "--episodes", "8"])
     out = capsys.readouterr().out
     return [[float(v) for v in line.split()] for line in out.splitlines() if line.strip()[:1].isdigit()]
 
@@ -201,10 +200,7 @@ def test_dkm_attractor_denoises_better_than_km_reading_over_seeds(study: dict[tu
     0.126 / 0.135 vs KM 0.157 / 0.159 when measured. bench/denoise.py gives the trained-run numbers."""
     errors: dict[str, list[list[float]]] = {"km": [], "dkm": []}  # model -> per seed, pixel error per iteration
     for (model, _seed), run in sorted(study.items()):
-        capsys.readouterr()
-        main(["attract", str(run), "--noise", "0.15", "--iters", "10", "--episodes", "8"])
-        rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
-        errors[model].append([float(r[2]) for r in rows])  # iterations 0..10
+        errors[model].append([row[2] for row in _denoise_table(run, capsys, iters=10)])  # iterations 0..10
     for km, dkm in zip(errors["km"], errors["dkm"], strict=True):
         assert km[0] == pytest.approx(dkm[0]) and km[0] == pytest.approx(0.15, abs=0.02)  # the same queries
     mean = {m: torch.tensor(e).mean(0) for m, e in errors.items()}  # (11,) over seeds
