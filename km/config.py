@@ -114,6 +114,7 @@ class Config:
     runs_dir: str = "runs"
     seed: int = 0
     resume: str | None = None  # run dir | checkpoint | auto
+    init_from: str | None = None  # a new run starts its encoder, decoder and z head from this run dir | checkpoint
     test_after_fit: bool = True
 
 

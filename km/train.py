@@ -25,6 +25,7 @@ from km.runs import (
     RunError,
     atomic_write_text,
     last_checkpoint,
+    locate,
     new_run_id,
     read_meta,
     resolve_resume,
@@ -72,6 +73,48 @@ def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: 
     model.km_config = to_dict(cfg)
     model.is_samples = cfg.eval.is_samples
     return model
+
+
+def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
+    """Warm start: copy the shared perception nets (encoder, decoder) and the bottom-up z head
+    (`EpisodeModel.z_head`, e.g. VAE `q_z` -> KM `q_z_bottom`) from another run's checkpoint.
+    Everything else (memory, addressing, ...) keeps its fresh initialisation. Returns (checkpoint, summary line)."""
+    run_dir, ckpt = locate(source)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        weights = state["state_dict"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise RunError(f"init_from={source}: cannot read {ckpt} ({type(e).__name__}); is it a km checkpoint?") from None
+    src_model = ((state.get("km_config") or {}).get("model") or {}).get("name")
+    src_head = MODELS[src_model][0].z_head if src_model in MODELS else None
+    pairs = [(k, k) for k in weights if k.split(".", 1)[0] in ("encoder", "decoder")]
+    if src_head and model.z_head:
+        pairs += [(f"{src_head}.{p}", f"{model.z_head}.{p}") for p in ("weight", "bias")]
+    own = model.state_dict()
+    missing = [d for _, d in pairs if d not in own] + [k for k in own if k.split(".", 1)[0] in ("encoder", "decoder")
+                                                       and k not in weights]
+    bad = [f"{d} {tuple(weights[s].shape)} -> {tuple(own[d].shape)}" for s, d in pairs
+           if d in own and weights[s].shape != own[d].shape]
+    if missing or bad:
+        src = (state.get("km_config") or {})
+        hint = f" (source run: net={src.get('net')}, model.code_dim={(src.get('model') or {}).get('code_dim')})" if src else ""
+        raise RunError(f"init_from={source}: the nets do not match{hint}: "
+                       + "; ".join((bad + [f"{k} missing" for k in missing])[:4]) + " - use the same net and code_dim")
+    with torch.no_grad():
+        for s, d in pairs:
+            own[d].copy_(weights[s])
+    heads = f", {src_head} -> {model.z_head}" if src_head and model.z_head else ""
+    return ckpt, f"initialised encoder, decoder{heads} from {ckpt} ({src_model or 'unknown model'}, {len(pairs)} tensors)"
+
+
+def plain_batches_for_memoryless(cfg: DictConfig) -> None:
+    """A model without an episode-level latent (VAE) trains on iid batches: `data.episodes=class` groups
+    a minibatch into few classes, which handicaps such a model and biases any comparison against it.
+    Test episodes (`data.eval_episodes`) are untouched, so every model is scored on the same episodes."""
+    if not MODELS[cfg.model.name][0].episodic and str(cfg.data.episodes) == "class":
+        cfg.data.episodes = "iid"
+        print(f"model={cfg.model.name} has no episode memory: it trains on iid batches "
+              "(data.episodes=class applies to memory models only)", file=sys.stderr)
 
 
 def _wandb_has_credentials() -> bool:
@@ -171,6 +214,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict."""
     quiet_lightning()
     cfg, run_dir, ckpt = prepare_run(cfg, overrides)
+    plain_batches_for_memoryless(cfg)
     rank_zero = is_rank_zero()
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +234,11 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm.image_shape, dm.likelihood)
     start_epoch = 0
+    if cfg.init_from and ckpt is None:  # a resumed run restores its own weights below
+        source, msg = init_weights_from(model, cfg.init_from)
+        print(msg, file=sys.stderr)
+        if rank_zero:
+            write_meta(run_dir, init_from=str(source))
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         start_epoch = int(state.get("epoch", -1)) + 1

@@ -147,7 +147,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys) -> None:
         (["train", f"resume={tmp_path / 'nope'}"], "cannot resume"),
         (["train", *tiny(tmp_path, "run_id=r")], "already holds a run"),
         (["train", *tiny(tmp_path, f"data.data_dir={tmp_path / 'empty'}")], "km data download mnist"),
-        (["train", *tiny(tmp_path, "run_id=c", "data.episodes=class")], "add data.binarize=dynamic"),
+        (["train", *tiny(tmp_path, "run_id=c", "data.episodes=class", model="km")], "add data.binarize=dynamic"),
+        (["train", *tiny(tmp_path, "run_id=i", "init_from=" + str(tmp_path / "nope"))], "no such run directory"),
+        (["train", *tiny(tmp_path, "run_id=j", f"init_from={run}", "net.channels=[8,8,8]")], "nets do not match"),
     ]
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
@@ -158,3 +160,37 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys) -> None:
         assert exc.value.code == 2, (argv, err)
         assert err.startswith("error: ") and "\n" not in err and expected in err, (argv, err)
     assert DATA_DIR is not None
+
+
+def test_init_from_starts_a_new_run_from_another_runs_perception_nets(tmp_path: Path, capsys) -> None:
+    from km.train import build_model, init_weights_from
+
+    src = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=vae", "test_after_fit=false")))["run_dir"])
+    vae = torch.load(src / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    km = build_model(compose_config(tiny(tmp_path, model="km")), (1, 28, 28), "bernoulli")
+    fresh = {k: v.clone() for k, v in km.state_dict().items()}
+    ckpt, msg = init_weights_from(km, str(src))
+    assert ckpt.parent.name == "checkpoints" and "q_z -> q_z_bottom" in msg
+    after = km.state_dict()
+    copied = {k for k in after if k.split(".")[0] in ("encoder", "decoder", "q_z_bottom")}
+    assert len(copied) > 10
+    for k in copied:
+        assert torch.equal(after[k], vae[k.replace("q_z_bottom", "q_z")]), k
+    for k in set(after) - copied:  # memory, addressing and the top-down head keep their fresh values
+        assert torch.equal(after[k], fresh[k]), k
+    assert any(not torch.equal(fresh[k], after[k]) for k in copied)  # the copy changed something
+
+    # end to end: the new run records its source; a resumed run restores its own weights instead
+    ov = tiny(tmp_path, "trainer.max_epochs=1", "run_id=km", f"init_from={src}", "eval.is_samples=0", model="km")
+    run = Path(train(compose_config(ov))["run_dir"])
+    assert read_meta(run)["init_from"] == str(ckpt) and "initialised encoder, decoder" in capsys.readouterr().err
+    train(compose_config(tiny(tmp_path, f"resume={run}", "trainer.max_epochs=2")))
+    assert "initialised" not in capsys.readouterr().err
+
+
+def test_vae_trains_on_plain_batches_when_memory_models_get_class_episodes(tmp_path: Path, capsys) -> None:
+    # static MNIST has no training labels, so class episodes would be an error for a memory model
+    run = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=v", "data.episodes=class",
+                                         "eval.is_samples=0")))["run_dir"])
+    assert "trains on iid batches" in capsys.readouterr().err
+    assert "episodes: iid" in (run / "config.yaml").read_text()

@@ -80,6 +80,8 @@ class KMConfig(ModelConfig):
 
 
 class KanervaMachine(EpisodeModel):
+    z_head = "q_z_bottom"  # carried by init_from with the encoder and decoder
+
     def __init__(self, cfg: KMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
         if cfg.write_mode not in ("batched", "online"):

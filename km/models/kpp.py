@@ -48,6 +48,8 @@ class KPPConfig(ModelConfig):
 
 
 class KanervaPlusPlus(EpisodeModel):
+    z_head = "q_z"  # carried by init_from with the encoder and decoder
+
     def __init__(self, cfg: KPPConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
         if not 1 <= cfg.window <= cfg.mem_size:

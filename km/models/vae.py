@@ -25,6 +25,9 @@ class VAEConfig(ModelConfig):
 
 
 class VAE(EpisodeModel):
+    z_head = "q_z"  # carried by init_from with the encoder and decoder
+    episodic = False  # no memory: trains on plain iid batches whatever data.episodes says
+
     def __init__(self, cfg: VAEConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
         self.q_z = nn.Linear(self.encoder.out_dim, 2 * cfg.code_dim)  # -> (mu, log sigma)
