@@ -192,6 +192,25 @@ def test_class_test_episodes_fixed_and_class_pure(loaded):
         no_labels.test_dataloader()
 
 
+def test_dynamic_mnist_training_excludes_the_validation_images(loaded, data_root):
+    """Dynamic training serves the 60,000 grey MNIST training images minus the most likely source of each
+    Larochelle validation image. Re-derive the sources of a sample of validation images against all 60,000."""
+    from datamodules.mnist import TRAIN_IMAGES, VALID_SOURCES, dynamic_train_indices, ml_sources, read_idx
+
+    grey = read_idx(data_root / TRAIN_IMAGES).reshape(60_000, 784)
+    valid = loaded("mnist").x["val"].view(10_000, 784).numpy()
+    pick = np.random.default_rng(0).choice(10_000, 300, replace=False)
+    src, gap = ml_sources(valid[pick], grey)
+    shipped = set(np.load(VALID_SOURCES).tolist())
+    assert all(s in shipped or g < 1e-3 for s, g in zip(src.tolist(), gap.tolist()))  # (an exact tie may flip)
+    keep = dynamic_train_indices()
+    assert len(keep) == 50_009 and not shipped & set(keep.tolist())
+    dm = MNISTDataModule(binarize="dynamic")
+    dm.setup()
+    assert torch.equal(dm.x["train"].view(-1, 784), torch.from_numpy(grey[keep]))
+    assert np.mean(src < 50_000) > 0.7  # what the old rule (MNIST's first 50,000) trained on: 8,404 of 10,000
+
+
 def test_static_mnist_test_labels_match_the_grey_mnist_test_set(loaded, data_root):
     """The Larochelle test part is MNIST t10k sorted by class: a sample of binary images, each matched
     to its most likely grey t10k image, has that image's label."""
@@ -236,7 +255,7 @@ def test_ddp_sharding_disjoint_and_covering(world_size):
 def test_dynamic_mnist_resamples_and_matches_grey(loaded):
     dm = MNISTDataModule(binarize="dynamic")
     dm.setup()
-    assert dm.x["train"].shape == (50_000, 1, 28, 28) and int(dm.x["train"].max()) == 255
+    assert dm.x["train"].shape == (50_009, 1, 28, 28) and int(dm.x["train"].max()) == 255
     assert (dm.y["train"] >= 0).all() and torch.equal(dm.x["val"], loaded("mnist").x["val"])
     idx = next(iter(dm.train_dataloader()))["idx"]
     first, second = dm.get_batch("train", idx)["x"], dm.get_batch("train", idx)["x"]
