@@ -113,6 +113,6 @@ class MNISTDataModule(InMemoryDataModule):
             keep = dynamic_train_indices()  # (50009,) disjoint from the validation images' sources
             grey = files.load(TRAIN_IMAGES, read_idx)[keep]  # (50009, 28, 28) 0..255
             labels = files.load(TRAIN_LABELS, read_idx)[keep]  # (50009,)
-            splits["train"] = (torch.from_numpy(grey.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+            splits["train"] = (torch.from_numpy(grey).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
             self.dynamic_splits = {"train"}
         return splits

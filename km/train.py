@@ -79,13 +79,14 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
     """Warm start: copy the shared perception nets (encoder, decoder) and the bottom-up z head
     (`EpisodeModel.z_head`, e.g. VAE `q_z` -> KM `q_z_bottom`) from another run's checkpoint.
     Everything else (memory, addressing, ...) keeps its fresh initialisation. Returns (checkpoint, summary line)."""
-    run_dir, ckpt = locate(source)
+    _, ckpt = locate(source)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         weights = state["state_dict"]
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise RunError(f"init_from={source}: cannot read {ckpt} ({type(e).__name__}); is it a km checkpoint?") from None
-    src_model = ((state.get("km_config") or {}).get("model") or {}).get("name")
+    src_cfg = state.get("km_config") or {}  # the source run's resolved config
+    src_model = (src_cfg.get("model") or {}).get("name")
     src_head = MODELS[src_model][0].z_head if src_model in MODELS else None
     pairs = [(k, k) for k in weights if k.split(".", 1)[0] in ("encoder", "decoder")]
     if src_head and model.z_head:
@@ -96,8 +97,8 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
     bad = [f"{d} {tuple(weights[s].shape)} -> {tuple(own[d].shape)}" for s, d in pairs
            if d in own and weights[s].shape != own[d].shape]
     if missing or bad:
-        src = (state.get("km_config") or {})
-        hint = f" (source run: net={src.get('net')}, model.code_dim={(src.get('model') or {}).get('code_dim')})" if src else ""
+        hint = (f" (source run: net={src_cfg.get('net')}, model.code_dim={(src_cfg.get('model') or {}).get('code_dim')})"
+                if src_cfg else "")
         raise RunError(f"init_from={source}: the nets do not match{hint}: "
                        + "; ".join((bad + [f"{k} missing" for k in missing])[:4]) + " - use the same net and code_dim")
     with torch.no_grad():
