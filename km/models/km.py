@@ -31,6 +31,18 @@ Bound (KM Eq. 12 form), reported per image (divided by T), every KL included:
     KL(M) is the closed-form matrix-normal KL of the final posterior (the per-step KLs of the
     on-line write do not telescope to it pointwise; see km.memory.kanerva).
 
+Initialisation (decision; `start_as_vae`, default true): the KM starts as the VAE it extends. The
+    top-down head g is zero (always), the q(y) head is zero so q(y | x) = p(y) and KL_y = 0, and the last
+    layer of f is scaled by 0.1 so the addresses are small (|w| ~ 0.1 instead of ~ 1): a write then barely
+    moves M (KL(M) ~ 0) and the read w^T M ~ 0, so p(z | y, M) ~ N(0, sigma_xi^2 = 1), the VAE's prior.
+    Measured on a KM warm-started from a trained VAE, at step 0, on 32 one-character Omniglot test
+    episodes: 171.3 nats/image with this init, the VAE itself 171.0, and 197.9 with PyTorch's default
+    Linear inits (`start_as_vae=false`; R_0 as in the official code either way): KL(M) 16.6, KL_y 3.5
+    and KL_z 16.0 against 9.1, because the large random addresses make every write costly. Over 512
+    continuation steps on MNIST this turned a 2-of-3-seed win over the VAE into 3 of 3, and it made
+    iterative reading denoise about as well as DKM's attractor at CPU budgets (README). Memory,
+    addresses and q(y) then grow only as far as the bound rewards them.
+
 Iterative reading (KM Algorithm 1): x -> e(x) -> mu_y -> w -> mean of q(z | x, y, M=R) -> decode ->
 feed the mean image back, `iters` times. One-shot generation: y ~ p(y), M ~ q(M|X), z ~ p(z|y,M),
 decode; the paper's samples then run iterative reading on them.
@@ -77,6 +89,7 @@ class KMConfig(ModelConfig):
     write_mode: str = "batched"  # batched | online: same posterior, batched is the fast one
     sample_memory: bool = False  # False: exact expectation over q(M|X) (default); True: one M ~ q(M|X)
     kl_y_free_bits: float = 0.0  # training loss only: KL(q(y)||p(y)) counted as max(KL, this) per dimension
+    start_as_vae: bool = True  # init q(y) = p(y) and small addresses, so step 0 scores like the VAE it extends
 
 
 class KanervaMachine(EpisodeModel):
@@ -95,6 +108,12 @@ class KanervaMachine(EpisodeModel):
         self.q_z_top = nn.Sequential(nn.Linear(E + C, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 2 * C))
         nn.init.zeros_(self.q_z_top[-1].weight)  # start as the bottom-up posterior; learn to use the read
         nn.init.zeros_(self.q_z_top[-1].bias)
+        if cfg.start_as_vae:  # see "Initialisation" in the module docstring
+            nn.init.zeros_(self.q_y.weight)  # q(y | x) = p(y) = N(0, I): KL_y = 0 at step 0
+            nn.init.zeros_(self.q_y.bias)
+            with torch.no_grad():  # addresses 10x smaller: |w| ~ 0.1, writes barely move M, KL(M) ~ 0
+                self.f[-1].weight.mul_(0.1)
+                self.f[-1].bias.mul_(0.1)
 
     # ---- pieces --------------------------------------------------------------------------
     def address(self, y: torch.Tensor) -> torch.Tensor:
