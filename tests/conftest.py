@@ -39,19 +39,15 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def train_cmd(overrides: list[str]) -> list[str]:
-    """`km train OVERRIDES` as a subprocess command line (this interpreter, this checkout)."""
-    return [sys.executable, "-c", "import sys; from km.cli import main; main(sys.argv[1:])", "train", *overrides]
-
-
 def train_in_parallel(jobs: dict[str, list[str]], at_once: int = 2) -> None:
     """Run `km train` for each {name: overrides}, `at_once` subprocesses at a time with one thread each:
     each run is then deterministic whatever the machine's core count, and 2 cores run two at once."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     names = list(jobs)
     for group in (names[i:i + at_once] for i in range(0, len(names), at_once)):
-        procs = [(n, subprocess.Popen(train_cmd([*jobs[n], "trainer.num_threads=1"]), env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)) for n in group]
+        procs = [(n, subprocess.Popen([sys.executable, "-m", "km.cli", "train", *jobs[n], "trainer.num_threads=1"],
+                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                 for n in group]
         for n, proc in procs:
             out = proc.communicate()[0]
             assert proc.returncode == 0, f"training {n} failed:\n{out[-3000:]}"

@@ -168,7 +168,7 @@ def test_km_learns_on_real_mnist_and_reading_denoises(tmp_path: Path, capsys) ->
 
 
 @needs_data
-def test_km_beats_the_vae_on_conditional_likelihood_from_the_same_warm_start(tmp_path: Path, capsys) -> None:
+def test_km_beats_the_vae_on_conditional_likelihood_from_the_same_warm_start(tmp_path: Path) -> None:
     """Issue #3 acceptance: KM's test -ELBO/T is lower than the VAE's with the same nets and budget.
     Paired protocol (README, "KM vs the VAE"): a VAE pretrained for 256 steps, then the VAE and KM each
     continued from it for 512 steps (T=32, 4 episodes per batch; the VAE on iid batches, KM on iid
