@@ -43,11 +43,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"samples: {summary['samples']}")
     if ev:
         m = ev["metrics"]
-        key = f"{ev['split']}/neg_elbo"
-        print(f"{key}: {m[key]:.3f} {ev['unit']}")
-        for k, v in m.items():
-            if "nll_is" in k:
-                print(f"{k}: {v:.3f} {ev['unit']}")
+        kinds = [ev["split"]] + (["test_class"] if ev.get("class_episodes") else [])
+        for kind in kinds:  # headline numbers of each protocol (every number is in eval.json)
+            for leaf in ("neg_elbo", f"nll_is{ev['is_samples']}", "memory_conditional", "heldout",
+                         f"heldout_nll_is{ev['is_samples']}"):
+                if f"{kind}/{leaf}" in m:
+                    print(f"{kind}/{leaf}: {m[f'{kind}/{leaf}']:.3f} {ev['unit']}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -40,6 +40,9 @@ Binarize = Choice("Binarize", {"static": "static", "dynamic": "dynamic"})
 ProgressBar = Choice("ProgressBar", {"auto": "auto", "rich": "rich", "none": "none"})
 WandbMode = Choice("WandbMode", {"online": "online", "offline": "offline", "disabled": "disabled"})
 Split = Choice("Split", {"test": "test", "val": "val"})
+# The three test protocols (README, "Test protocols"); checkpoint.protocol picks the validation metric of each.
+Protocol = Choice("Protocol", {"joint": "joint", "memory_conditional": "memory_conditional", "heldout": "heldout"})
+PROTOCOL_MONITOR = {"joint": "val/neg_elbo", "memory_conditional": "val/memory_conditional", "heldout": "val/heldout"}
 
 
 @dataclass
@@ -89,15 +92,23 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/neg_elbo"
+    # The best checkpoint is the one with the lowest validation value of this protocol's quantity: it must
+    # follow the training objective (with the memory KL weighted 0 the joint bound rises while the model improves).
+    protocol: Protocol = Protocol.joint  # joint | memory_conditional | heldout
+    monitor: str | None = None  # None: the protocol's metric (PROTOCOL_MONITOR); else any logged val/ metric
     save_top_k: int = 1
     every_n_epochs: int = 1
+
+    def monitored(self) -> str:
+        return self.monitor or PROTOCOL_MONITOR[str(self.protocol)]
 
 
 @dataclass
 class EvalConfig:
-    is_samples: int = 100  # importance samples of the test NLL estimate (0: skip it)
+    is_samples: int = 100  # importance samples of the test NLL estimates (joint and held-out; 0: skip them)
     split: Split = Split.test
+    heldout_targets: int | None = None  # n targets scored given the first T - n items; None: T // 4 (at least 1)
+    class_episodes: bool = False  # also score class-structured test episodes (data.classes_per_episode classes each): test_class/*
 
 
 @dataclass
@@ -158,6 +169,10 @@ RANGES = {
     "net.channels": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive filter counts"),
     "eval.is_samples": (lambda v: v >= 0, ">= 0"),
     "trainer.max_epochs": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: no limit)"),
+    "model.kl_weights.memory": (lambda v: v >= 0, ">= 0"),
+    "model.kl_weights.z": (lambda v: v >= 0, ">= 0"),
+    "model.kl_weights.addressing": (lambda v: v >= 0, ">= 0"),
+    "model.kl_weights.warmup_steps": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -166,6 +181,10 @@ def _check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"bad value for '{key}': {value} (must be {what})")
+    n, T = cfg.eval.heldout_targets, cfg.data.episode_length
+    if n is not None and not 1 <= n <= T - 1:
+        raise ConfigError(f"bad value for 'eval.heldout_targets': {n} (must be in [1, T - 1] = [1, {T - 1}] "
+                          f"for data.episode_length={T}, or null for T // 4)")
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:

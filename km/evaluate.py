@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from km.callbacks import seed_all
-from km.config import apply_overrides, typed
-from km.runs import RunError, atomic_write_text, locate
+from km.config import apply_overrides, to_dict, typed
+from km.runs import RunError, atomic_write_text, locate, read_meta
 
 
 def load_run(target: str | Path, overrides: list[str] | None = None, map_location: str = "cpu",
@@ -62,35 +62,69 @@ def _incompatibility(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str
     return "; ".join(parts) or None
 
 
+PROTOCOL_LABELS = (  # (metric leaf prefix, label) in table order; README "Test protocols"
+    ("heldout", "held-out: targets given the context's memory (bounds ln p(x_target | X_context))"),
+    ("memory_conditional", "memory-conditional: KL(M) left out (NOT a bound on ln p(X))"),
+    ("", "joint: -ELBO(X) / T, every KL (bounds ln p(X) / T)"),
+)
+
+
+def protocol_of(metric: str) -> str:
+    """'test/heldout_recon' -> the label of its protocol."""
+    leaf = metric.split("/", 1)[-1]
+    return next(label for prefix, label in PROTOCOL_LABELS if leaf.startswith(prefix))
+
+
+def _test_once(trainer: pl.Trainer, model: pl.LightningModule, dm: pl.LightningDataModule, split: str,
+               seed: int) -> tuple[dict[str, float], int]:
+    """One pass over the split's episodes: (metrics, number of episodes)."""
+    seed_all(seed)  # the IS estimates and sampled bounds use fixed noise
+    metrics = (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)[0]
+    dm.setup("test")
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    return {k: float(v) for k, v in metrics.items()}, sum(b["idx"].shape[0] for b in loader)
+
+
 def evaluate(target: str | Path, split: str = "test", is_samples: int | None = None,
              overrides: list[str] | None = None, dm: pl.LightningDataModule | None = None,
              accelerator: str = "auto") -> dict[str, Any]:
-    """Test-split metrics of a run's best checkpoint; writes <run_dir>/eval.json."""
-    from km.train import quiet_lightning
+    """Test-split metrics of a run's best checkpoint under the three protocols; writes <run_dir>/eval.json.
 
+    With `eval.class_episodes` the test split is scored a second time on class-structured episodes
+    (`data.classes_per_episode` classes each, fixed by `data.eval_seed`), reported as `test_class/*`."""
+    from km.train import build_datamodule, quiet_lightning
+
+    if split not in ("test", "val"):
+        raise RunError(f"unknown split '{split}'; valid: test, val")
     quiet_lightning()
     cfg, run_dir, ckpt, dm, model = load_run(target, overrides, dm=dm)
     if is_samples is not None:
         model.is_samples = is_samples
-    seed_all(cfg.seed + 424242)  # the IS estimate and sampled bound use fixed noise
     trainer = pl.Trainer(accelerator=accelerator if accelerator != "auto" else cfg.trainer.accelerator,
                          devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=sys.stderr.isatty(), use_distributed_sampler=False)
     t0 = time.time()
-    if split == "test":
-        metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    elif split == "val":
-        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    else:
-        raise RunError(f"unknown split '{split}'; valid: test, val")
-    dm.setup("test")
+    metrics, episodes = _test_once(trainer, model, dm, split, cfg.seed + 424242)
+    kinds = {split: {"episodes": episodes, "eval_episodes": str(cfg.data.eval_episodes)}}
+    if split == "test" and cfg.eval.class_episodes and str(cfg.data.eval_episodes) != "class":
+        class_cfg = apply_overrides(cfg, ["data.eval_episodes=class"])
+        class_metrics, n = _test_once(trainer, model, build_datamodule(class_cfg), split, cfg.seed + 424242)
+        metrics |= {k.replace("test/", "test_class/", 1): v for k, v in class_metrics.items()}
+        kinds["test_class"] = {"episodes": n, "eval_episodes": "class",
+                               "classes_per_episode": cfg.data.classes_per_episode}
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    meta = read_meta(run_dir)
+    T = cfg.data.episode_length
     result = {
         "run_dir": str(run_dir), "checkpoint": str(ckpt), "split": split,
         "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
-        "unit": model.lik.unit, "episode_length": cfg.data.episode_length,
-        "episodes": sum(b["idx"].shape[0] for b in (dm.test_dataloader() if split == "test" else dm.val_dataloader())),
+        "unit": model.lik.unit, "episode_length": T, "episodes": episodes, "kinds": kinds,
         "is_samples": model.is_samples, "eval_seed": cfg.data.eval_seed,
-        "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1),
+        "heldout_targets": model.heldout_n(T), "class_episodes": "test_class" in kinds,
+        "protocol": str(cfg.checkpoint.protocol), "kl_weights": to_dict(cfg.model.kl_weights),
+        "steps": int(state.get("global_step", 0)), "epoch": int(state.get("epoch", -1)),
+        "train_seconds": meta.get("train_seconds"),
+        "metrics": metrics, "seconds": round(time.time() - t0, 1),
     }
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     print_table(result)
@@ -98,13 +132,24 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
 
 
 def print_table(result: dict[str, Any]) -> None:
+    """One table per episode kind, rows grouped by protocol (so no two protocols share a block)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result['model']} on {result['data']} ({result['split']}, {result['unit']}, "
-                        f"T={result['episode_length']})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in sorted(result["metrics"].items()):
-        table.add_row(k, f"{v:.4f}")
-    Console(stderr=False).print(table)
+    console = Console(stderr=False)
+    for kind in sorted({k.split("/", 1)[0] for k in result["metrics"]}):
+        what = "one-class episodes" if kind.endswith("_class") else "iid episodes"
+        table = Table(title=f"{result['model']} on {result['data']} ({kind}: {what}, {result['unit']}, "
+                            f"T={result['episode_length']}, held-out n={result.get('heldout_targets')}, "
+                            f"IS={result['is_samples']}, {result.get('steps', '?')} steps)")
+        table.add_column("protocol")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        names = [k for k in result["metrics"] if k.split("/", 1)[0] == kind]
+        for _, label in reversed(PROTOCOL_LABELS):
+            rows = sorted(k for k in names if protocol_of(k) == label)
+            for i, k in enumerate(rows):
+                table.add_row(label if i == 0 else "", k, f"{result['metrics'][k]:.4f}")
+            if rows:
+                table.add_section()
+        console.print(table)

@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,13 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: str) -> EpisodeModel:
-    cls, cfg_cls = MODELS[cfg.model.name]
-    model_cfg = cfg_cls(**to_dict(cfg.model))
+    cls = MODELS[cfg.model.name][0]
+    model_cfg = OmegaConf.to_object(cfg.model)  # the model's dataclass, nested ones (kl_weights) included
     net = OmegaConf.to_object(cfg.net)
     model = cls(model_cfg, net, image_shape, likelihood)
     model.km_config = to_dict(cfg)
     model.is_samples = cfg.eval.is_samples
+    model.heldout_targets = cfg.eval.heldout_targets
     return model
 
 
@@ -248,6 +250,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
 
     trainer, grid = make_trainer(cfg, run_dir, wandb_id)
+    t_fit = time.time()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except BaseException as e:
@@ -257,6 +260,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
                        last_good_checkpoint=str(last) if last else None)
         _finish_wandb(trainer, failed=True)
         raise
+    if rank_zero:  # wall time of training, summed over resumes (a killed attempt's time is not counted)
+        spent = float(read_meta(run_dir).get("train_seconds") or 0.0)
+        write_meta(run_dir, train_seconds=round(spent + time.time() - t_fit, 1))
     if not trainer.is_global_zero:  # a DDP worker: rank 0 evaluates and reports
         return {"run_dir": str(run_dir), "rank": trainer.global_rank}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}
@@ -287,7 +293,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trai
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-            monitor=cfg.checkpoint.monitor, mode="min", save_top_k=cfg.checkpoint.save_top_k, save_last=True,
+            monitor=OmegaConf.to_object(cfg.checkpoint).monitored(), mode="min", save_top_k=cfg.checkpoint.save_top_k, save_last=True,
             every_n_epochs=cfg.checkpoint.every_n_epochs,
         ),
         EpochSeed(cfg.seed),

@@ -8,14 +8,20 @@ A batch is a set of episodes `x: (B, T, C, H, W)`. A model implements
 - `denoise(x, memory, iters) -> list of (B, T, C, H, W)`, one per read iteration;
 - `log_likelihood_is(x, S) -> (B,)` an importance-sampled estimate of log p per image.
 
-Everything else (optimiser, metric names and units, NaN guard, logging) lives here, once.
-Metrics are reported per image: the episode bound divided by T (KM paper convention), in
-nats/image for binary data and bits/dim for 8-bit data.
+Every model also scores an episode under the three test protocols (README, "Test protocols"):
+`episode_elbo(x)` is the joint bound; `episode_elbo(x, targets=n)` writes the memory from the first
+T - n items only and scores the n targets (held-out); the memory-conditional number is the joint one
+with KL(M) left out. `log_likelihood_is(x, S, targets=n)` is the matching importance-sampled estimate.
+
+Everything else (optimiser, KL weights of the training loss, metric names and units, NaN guard,
+logging) lives here, once. Metrics are reported per image: the episode bound divided by T (KM paper
+convention), in nats/image for binary data and bits/dim for 8-bit data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +29,32 @@ import torch
 
 from km.likelihoods import make_likelihood
 from km.nets import Decoder, Encoder, NetConfig
+
+
+class Optimizer(str, Enum):
+    adam = "adam"  # torch.optim.Adam (KM paper)
+    rmsprop = "rmsprop"  # torch.optim.RMSprop (the K++ authors' runs, with gradient clip 5)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class KLWeights:
+    """Weights of the KL terms in the training loss only; every reported quantity keeps each KL in full.
+
+    The effective weight at optimiser step s is `weight * min(1, (s + 1) / warmup_steps)` (linear warm-up;
+    0 steps: the weight from the start)."""
+
+    memory: float = 1.0  # KL(q(M | X) || p(M)) (the K++ authors ran 0)
+    z: float = 1.0  # KL of the per-item code z (KM, PKM, K++; DKM has no z)
+    addressing: float = 1.0  # KL of the addressing latents: y and machine weights c (KM, PKM), w (DKM), keys Y (K++)
+    warmup_steps: int = 0
+
+
+# EpisodeOutput.parts name -> KLWeights field
+KL_GROUPS = {"kl_M": "memory", "kl_z": "z", "kl_y": "addressing", "kl_c": "addressing", "kl_w": "addressing",
+             "kl_Y": "addressing"}
 
 
 @dataclass
@@ -33,6 +65,8 @@ class ModelConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     code_dim: int = 64  # C: size of the latent code z that the decoder reads
+    optimizer: Optimizer = Optimizer.adam
+    kl_weights: KLWeights = field(default_factory=KLWeights)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,8 +75,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpisodeOutput:
-    loss: torch.Tensor  # scalar minimised by the optimiser (may hold training-only terms)
-    neg_elbo: torch.Tensor  # (B,) -ELBO of each episode / T, nats per image, every KL included
+    """The bound of an episode (joint: every item scored, KL(M) in `parts['kl_M']`) or of its held-out
+    targets (`episode_elbo(x, targets=n)`: only the n targets scored, per target image, no KL(M))."""
+
+    loss: torch.Tensor  # scalar minimised by the optimiser at KL weights 1 (may hold training-only terms)
+    neg_elbo: torch.Tensor  # (B,) -ELBO per scored image, nats, every KL included
     recon: torch.Tensor  # (B,) -E[log p(x|z)] per image
     kl: torch.Tensor  # (B,) all KL terms per image (sum of the parts below)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named (B,) KL parts
@@ -67,10 +104,13 @@ class EpisodeModel(pl.LightningModule):
         self.encoder = Encoder(self.image_shape, net)
         self.decoder = Decoder(cfg.code_dim, self.image_shape, self.lik.param_channels(image_shape[0]), net)
         self.is_samples = 100  # set by the evaluation config
+        self.heldout_targets: int | None = None  # n targets of the held-out protocol; None: T // 4
         self.km_config: dict[str, Any] | None = None  # full resolved run config, saved in checkpoints
 
     # ---- the interface --------------------------------------------------------------------
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        """targets = 0: the joint bound of the episode. targets = n: the memory is written from the first
+        T - n items only and the last n are scored, each with every KL of its own (held-out)."""
         raise NotImplementedError
 
     def write(self, x: torch.Tensor) -> Any:
@@ -91,7 +131,9 @@ class EpisodeModel(pl.LightningModule):
             chain.append(x)
         return chain
 
-    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        """(B,) importance-sampled ln p(X) / T (targets = 0), or ln p(x_targets | X_context) / n with the
+        memory written from the context only (targets = n)."""
         raise NotImplementedError
 
     # ---- helpers shared by models ---------------------------------------------------------
@@ -121,45 +163,93 @@ class EpisodeModel(pl.LightningModule):
         return self.lik.to_report(nats, self.dims)
 
     @staticmethod
-    def check_episodes(x: torch.Tensor, image_shape: tuple[int, ...]) -> None:
+    def check_episodes(x: torch.Tensor, image_shape: tuple[int, ...], targets: int = 0) -> tuple[slice, slice]:
+        """Check x: (B, T, C, H, W) and split the episode: (items written to memory, items scored).
+        Joint (targets = 0): all T items both. Held-out: the first T - n written, the last n scored."""
         if x.dim() != 5 or tuple(x.shape[2:]) != tuple(image_shape):
             raise ValueError(
                 f"expected episodes of shape (B, T, {', '.join(map(str, image_shape))}), got {tuple(x.shape)}"
             )
+        T = x.shape[1]
+        if not 0 <= targets < T:
+            raise ValueError(f"held-out targets must be in [1, T - 1] = [1, {T - 1}], got {targets}")
+        if targets == 0:
+            return slice(0, T), slice(0, T)
+        return slice(0, T - targets), slice(T - targets, T)
+
+    def heldout_n(self, T: int) -> int:
+        """Targets of the held-out protocol for episodes of length T (0: T too short to split)."""
+        if T < 2:
+            return 0
+        return self.heldout_targets if self.heldout_targets is not None else max(1, T // 4)
 
     # ---- Lightning wiring -----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        cls = {Optimizer.adam: torch.optim.Adam, Optimizer.rmsprop: torch.optim.RMSprop}[Optimizer(self.cfg.optimizer)]
+        return cls(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def _log_terms(self, split: str, out: EpisodeOutput, batch_size: int) -> None:
+    def kl_weight(self, group: str) -> float:
+        """Effective training-loss weight of a KL group ('memory', 'z', 'addressing') at this step."""
+        w = self.cfg.kl_weights
+        ramp = min(1.0, (self.global_step + 1) / w.warmup_steps) if w.warmup_steps > 0 else 1.0
+        return getattr(w, group) * ramp
+
+    def training_loss(self, out: EpisodeOutput) -> torch.Tensor:
+        """out.loss (KL weights 1) with each KL part re-weighted by `model.kl_weights`."""
+        loss = out.loss
+        for k, v in out.parts.items():
+            w = self.kl_weight(KL_GROUPS[k])
+            if w != 1.0:
+                loss = loss - (1.0 - w) * v.mean()
+        return loss
+
+    def _log_terms(self, split: str, out: EpisodeOutput, batch_size: int, prefix: str = "") -> None:
+        """`{split}/neg_elbo`, `/recon`, `/kl`, `/kl_*` (joint); with prefix 'heldout': `{split}/heldout`,
+        `/heldout_recon`, ... (the held-out targets)."""
         terms = {"neg_elbo": out.neg_elbo, "recon": out.recon, "kl": out.kl, **out.parts, **out.extras}
         for k, v in terms.items():
+            name = k if not prefix else (prefix if k == "neg_elbo" else f"{prefix}_{k}")
             self.log(
-                f"{split}/{k}", self.report(v.detach().mean()), batch_size=batch_size,
-                on_step=False, on_epoch=True, sync_dist=True, prog_bar=(k == "neg_elbo"),
+                f"{split}/{name}", self.report(v.detach().mean()), batch_size=batch_size,
+                on_step=False, on_epoch=True, sync_dist=True, prog_bar=(name == "neg_elbo"),
             )
+
+    def _log_value(self, name: str, nats: torch.Tensor, batch_size: int) -> None:
+        self.log(name, self.report(nats.detach().mean()), batch_size=batch_size, on_step=False, on_epoch=True,
+                 sync_dist=True)
+
+    def _log_protocols(self, split: str, x: torch.Tensor, is_samples: int = 0) -> None:
+        """The three protocols on one batch of episodes: joint (every item, every KL), memory-conditional
+        (the same pass, KL(M) left out) and held-out (memory from the context, the n targets scored)."""
+        B, T = x.shape[:2]
+        out = self.episode_elbo(x)
+        self._log_terms(split, out, B)
+        self._log_value(f"{split}/memory_conditional", out.neg_elbo - out.parts.get("kl_M", 0.0), B)
+        n = self.heldout_n(T)
+        if n:
+            self._log_terms(split, self.episode_elbo(x, targets=n), B, prefix="heldout")
+        if is_samples > 0:
+            self._log_value(f"{split}/nll_is{is_samples}", -self.log_likelihood_is(x, is_samples), B)
+            if n:
+                self._log_value(f"{split}/heldout_nll_is{is_samples}", -self.log_likelihood_is(x, is_samples, n), B)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["x"]
         out = self.episode_elbo(x)
-        if not torch.isfinite(out.loss):
+        loss = self.training_loss(out)
+        if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss ({out.loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
+                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
             )
-        self.log("train/loss", out.loss.detach(), batch_size=x.shape[0], on_step=True, on_epoch=True)
+        self.log("train/loss", loss.detach(), batch_size=x.shape[0], on_step=True, on_epoch=True)
         self._log_terms("train", out, x.shape[0])
-        return out.loss
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_terms("val", self.episode_elbo(batch["x"]), batch["x"].shape[0])
+        self._log_protocols("val", batch["x"])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        x = batch["x"]
-        self._log_terms("test", self.episode_elbo(x), x.shape[0])
-        if self.is_samples > 0:
-            nll = -self.log_likelihood_is(x, self.is_samples)
-            self.log(f"test/nll_is{self.is_samples}", self.report(nll.mean()), batch_size=x.shape[0],
-                     on_step=False, on_epoch=True, sync_dist=True)
+        self._log_protocols("test", batch["x"], self.is_samples)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["km_config"] = self.km_config

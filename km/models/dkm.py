@@ -93,26 +93,29 @@ class DynamicKanervaMachine(EpisodeModel):
         return self.memory.write(prior, w, z, mode=self.cfg.write_mode), None
 
     # ---- EpisodeModel interface -----------------------------------------------------------
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
-        self.check_episodes(x, self.image_shape)
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)  # written items, scored items
         T = x.shape[1]
         z = self.embed(x)  # (B, T, C)
-        post, kl_steps = self._write(z)  # R (B, K, C), U (B, K, K)
-        kl_M = self.memory.kl(post)  # (B,)
+        post, kl_steps = self._write(z[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K)
+        z, x = z[:, tgt], x[:, tgt]  # the scored items
         sample = self.cfg.sample or not self.training
         M = self.memory.sample(post) if sample else post.R  # (B, K, C)
         mu_w = self.memory.address(M, z)  # (B, T, K) mean of q(w | z, M)
         w = self.memory.sample_w(mu_w) if sample else mu_w
         recon = -self.log_px(self.decode_codes(w @ M), x).mean(1)  # (B,)
-        kl_w = self.memory.kl_w(mu_w).mean(1)  # (B,)
-        kl = kl_w + kl_M / T
+        parts = {"kl_w": self.memory.kl_w(mu_w).mean(1)}  # (B,)
+        if not targets:  # the held-out targets do not pay for the memory (it is the context's)
+            kl_M = self.memory.kl(post)  # (B,)
+            parts["kl_M"] = kl_M / T
+        kl = sum(parts.values())
         neg_elbo = recon + kl
         ae = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,) autoencoder term, training only
         loss = neg_elbo + self.cfg.ae_weight * ae
-        if kl_steps is not None:
+        if kl_steps is not None and not targets:
             loss = loss + (kl_steps - kl_M) / T
-        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
-                             parts={"kl_w": kl_w, "kl_M": kl_M / T}, extras={"ae_recon": ae})
+        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts,
+                             extras={"ae_recon": ae})
 
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) from the episode x (B, T, C, H, W)."""
@@ -143,11 +146,14 @@ class DynamicKanervaMachine(EpisodeModel):
         return self.mean_image(self.decode_codes(w @ self.memory.sample(memory)))
 
     @torch.no_grad()
-    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
-        """Importance-sampled ln p(X) / T per episode, proposal q(M | X) q(W | X, M) (joint over the episode)."""
-        B, T = x.shape[:2]
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        """Importance-sampled ln p(X) / T per episode, proposal q(M | X) q(W | X, M) (joint over the episode).
+        targets = n: ln p(x_targets | X_ctx) / n with M ~ q(M | X_ctx) and no M term in the weight."""
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)
+        B = x.shape[0]
         z = self.embed(x)
-        post = self._write(z)[0]
+        post = self._write(z[:, ctx])[0]
+        z, x = z[:, tgt], x[:, tgt]
         prior = self.memory.prior(B)
         log_sigma_w = self.memory.log_sigma_w
         log_w = []
@@ -158,5 +164,7 @@ class DynamicKanervaMachine(EpisodeModel):
             log_q_w = (-0.5 * ((w - mu_w) / log_sigma_w.exp()) ** 2 - log_sigma_w - 0.5 * LOG_2PI).sum(-1)
             log_p_w = (-0.5 * (w / self.memory.sigma_w0) ** 2 - math.log(self.memory.sigma_w0) - 0.5 * LOG_2PI).sum(-1)
             lw = (self.log_px(self.decode_codes(w @ M), x) + log_p_w - log_q_w).sum(1)  # (B,)
-            log_w.append(lw + log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post))
-        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / T
+            if not targets:
+                lw = lw + log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post)
+            log_w.append(lw)
+        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / x.shape[1]

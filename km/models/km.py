@@ -145,15 +145,15 @@ class KanervaMachine(EpisodeModel):
         return self.memory.log_sigma_xi
 
     # ---- EpisodeModel interface -----------------------------------------------------------
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
-        self.check_episodes(x, self.image_shape)
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)  # written items, scored items
         T = x.shape[1]
         e = self.encode_images(x)  # (B, T, E)
         mu_y, ls_y = self.posterior_y(e)  # (B, T, d_y)
         y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
         w = self.address(y)  # (B, T, K)
-        post = self._write(e, w)  # q(M | X): R (B, K, C), U (B, K, K)
-        kl_M = self.memory.kl(post)  # (B,)
+        post = self._write(e[:, ctx], w[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K)
+        e, w, mu_y, ls_y, x = e[:, tgt], w[:, tgt], mu_y[:, tgt], ls_y[:, tgt], x[:, tgt]  # the scored items
         ls_xi = self._log_sigma_xi()
         if self.cfg.sample_memory:  # one reparameterised M ~ q(M | X)
             mu_z, ls_z, r = self.read_z(e, w, self.memory.sample(post))
@@ -168,14 +168,15 @@ class KanervaMachine(EpisodeModel):
         kl_y_dims = gaussian_kl(mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]),
                                 torch.zeros_like(ls_y[..., None]))  # (B, T, d_y) per dimension
         kl_y = kl_y_dims.sum(-1).mean(1)  # (B,)
-        kl_m = kl_M / T
-        kl = kl_y + kl_z + kl_m
+        parts = {"kl_y": kl_y, "kl_z": kl_z}
+        if not targets:  # the joint bound pays for the memory; the held-out targets do not (it is the context's)
+            parts["kl_M"] = self.memory.kl(post) / T
+        kl = sum(parts.values())
         neg_elbo = recon + kl  # the reported bound: every KL in full
         loss = neg_elbo
         if self.cfg.kl_y_free_bits > 0:  # free bits keep the addresses from collapsing early in training
             loss = loss - kl_y + kl_y_dims.mean((0, 1)).clamp(min=self.cfg.kl_y_free_bits).sum()
-        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
-                             parts={"kl_y": kl_y, "kl_z": kl_z, "kl_M": kl_m})
+        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts)
 
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) from the episode x (B, T, C, H, W), addressing with the means of q(y|x)."""
@@ -207,26 +208,32 @@ class KanervaMachine(EpisodeModel):
         return self.mean_image(self.decode_codes(z))
 
     @torch.no_grad()
-    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
-        """Importance-sampled ln p(X) / T per episode, proposal q(Y) q(M|X,Y) q(Z|X,Y,M) (joint over the episode)."""
-        B, T = x.shape[:2]
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        """Importance-sampled ln p(X) / T per episode, proposal q(Y) q(M|X,Y) q(Z|X,Y,M) (joint over the episode).
+
+        targets = n: ln p(x_targets | X_ctx) / n, where M ~ q(M | X_ctx) (context addresses sampled from q(y))
+        is the model's belief about the memory after the context; the targets' y and z are importance-sampled
+        and the weight has no M term (M is drawn from the distribution it is integrated against)."""
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)
+        B = x.shape[0]
         e = self.encode_images(x)
         mu_y, ls_y = self.posterior_y(e)
         log_w = []
         for _ in range(samples):
             y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
             w = self.address(y)
-            post = self._write(e, w)
-            prior = self.memory.prior(B)
+            post = self._write(e[:, ctx], w[:, ctx])
             M = self.memory.sample(post)
+            et, wt, yt, mu_yt, ls_yt = e[:, tgt], w[:, tgt], y[:, tgt], mu_y[:, tgt], ls_y[:, tgt]
             # the proposal q(z | x, y, M) reads the same M as the bound does (sampled, or the mean R)
-            mu_z, ls_z, _ = self.read_z(e, w, M if self.cfg.sample_memory else post.R)
-            r = w @ M  # mean of p(z | y, M)
+            mu_z, ls_z, _ = self.read_z(et, wt, M if self.cfg.sample_memory else post.R)
+            r = wt @ M  # mean of p(z | y, M)
             z = mu_z + torch.randn_like(mu_z) * ls_z.exp()
             ls_xi = self._log_sigma_xi().expand_as(r)
-            lw = (self.log_px(self.decode_codes(z), x)
-                  + gaussian_log_prob(y, torch.zeros_like(y), torch.zeros_like(y)) - gaussian_log_prob(y, mu_y, ls_y)
+            lw = (self.log_px(self.decode_codes(z), x[:, tgt])
+                  + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt)) - gaussian_log_prob(yt, mu_yt, ls_yt)
                   + gaussian_log_prob(z, r, ls_xi) - gaussian_log_prob(z, mu_z, ls_z)).sum(1)  # (B,)
-            lw = lw + log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post)
+            if not targets:
+                lw = lw + log_prob_matrix_normal(M, self.memory.prior(B)) - log_prob_matrix_normal(M, post)
             log_w.append(lw)
-        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / T
+        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / (tgt.stop - tgt.start)

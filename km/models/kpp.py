@@ -94,14 +94,13 @@ class KanervaPlusPlus(EpisodeModel):
         return mu + torch.randn_like(mu) * log_sigma.exp()
 
     # ---- EpisodeModel interface -----------------------------------------------------------
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
-        self.check_episodes(x, self.image_shape)
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)  # written items, scored items
         T = x.shape[1]
         e = self.encode_images(x)  # (B, T, E)
-        mu_M, ls_M = self.writer(e)  # (B, C_m, S, S)
+        mu_M, ls_M = self.writer(e[:, ctx])  # (B, C_m, S, S) from the written items only
         M = self._sample(mu_M, ls_M)
-        kl_M = gaussian_kl(mu_M.flatten(1), ls_M.flatten(1), torch.zeros_like(mu_M.flatten(1)),
-                           torch.zeros_like(ls_M.flatten(1)))  # (B,)
+        e, x = e[:, tgt], x[:, tgt]  # the scored items
         mu_Y, ls_Y = self.posterior_keys(e, M)  # (B, T, 3)
         Y = self._sample(mu_Y, ls_Y)
         kl_Y = gaussian_kl(mu_Y, ls_Y, torch.zeros_like(mu_Y), torch.zeros_like(ls_Y)).mean(1)  # (B,)
@@ -109,10 +108,13 @@ class KanervaPlusPlus(EpisodeModel):
         mu_p, ls_p = self.prior_z(M, Y)
         kl_z = gaussian_kl(mu_z, ls_z, mu_p, ls_p).mean(1)  # (B,)
         recon = -self.log_px(self.decode_codes(self._sample(mu_z, ls_z)), x).mean(1)
-        kl = kl_z + kl_Y + kl_M / T
+        parts = {"kl_z": kl_z, "kl_Y": kl_Y}
+        if not targets:  # the held-out targets do not pay for the memory (it is the context's)
+            parts["kl_M"] = gaussian_kl(mu_M.flatten(1), ls_M.flatten(1), torch.zeros_like(mu_M.flatten(1)),
+                                        torch.zeros_like(ls_M.flatten(1))) / T  # (B,)
+        kl = sum(parts.values())
         neg_elbo = recon + kl
-        return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
-                             parts={"kl_z": kl_z, "kl_Y": kl_Y, "kl_M": kl_M / T})
+        return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts)
 
     def write(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(M | X): mean and log-std (B, C_m, S, S)."""
@@ -141,11 +143,13 @@ class KanervaPlusPlus(EpisodeModel):
         return self.mean_image(self.decode_codes(self._sample(*self.prior_z(M, Y))))
 
     @torch.no_grad()
-    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
-        """Importance-sampled ln p(X) / T, proposal q(M | X) q(Y | X, M) q(Z | X) (joint over the episode)."""
-        T = x.shape[1]
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        """Importance-sampled ln p(X) / T, proposal q(M | X) q(Y | X, M) q(Z | X) (joint over the episode).
+        targets = n: ln p(x_targets | X_ctx) / n with M ~ q(M | X_ctx) and no M term in the weight."""
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)
         e = self.encode_images(x)
-        mu_M, ls_M = self.writer(e)
+        mu_M, ls_M = self.writer(e[:, ctx])
+        e, x = e[:, tgt], x[:, tgt]
         mu_z, ls_z = self.posterior_z(e)
         log_w = []
         for _ in range(samples):
@@ -157,7 +161,8 @@ class KanervaPlusPlus(EpisodeModel):
             zero3 = torch.zeros_like(Y)
             lw = (self.log_px(self.decode_codes(z), x) + gaussian_log_prob(z, mu_p, ls_p) - gaussian_log_prob(z, mu_z, ls_z)
                   + gaussian_log_prob(Y, zero3, zero3) - gaussian_log_prob(Y, mu_Y, ls_Y)).sum(1)  # (B,)
-            Mf, zero = M.flatten(1), torch.zeros_like(M.flatten(1))
-            lw = lw + gaussian_log_prob(Mf, zero, zero) - gaussian_log_prob(Mf, mu_M.flatten(1), ls_M.flatten(1))
+            if not targets:
+                Mf, zero = M.flatten(1), torch.zeros_like(M.flatten(1))
+                lw = lw + gaussian_log_prob(Mf, zero, zero) - gaussian_log_prob(Mf, mu_M.flatten(1), ls_M.flatten(1))
             log_w.append(lw)
-        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / T
+        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / x.shape[1]

@@ -79,16 +79,17 @@ class ProductKanervaMachine(KanervaMachine):
         return mu_b + d_mu, (ls_b + d_ls).clamp(-8, 4), reads
 
     # ---- EpisodeModel interface -----------------------------------------------------------
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
-        self.check_episodes(x, self.image_shape)
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)  # written items, scored items
         T = x.shape[1]
         e = self.encode_images(x)  # (B, T, E)
         mu_y, ls_y = self.posterior_y(e)
         y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
         w = self.address(y)  # (B, P, T, K_p)
         pi = self.machine_weights(e)  # (B, T, P)
-        post = self._write(e, w, pi)  # R (B, P, K_p, C), U (B, P, K_p, K_p)
-        kl_M = self.memory.kl(post)  # (B,)
+        post = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])  # R (B, P, K_p, C), U (B, P, K_p, K_p)
+        e, w, pi, x = e[:, tgt], w[:, :, tgt], pi[:, tgt], x[:, tgt]  # the scored items
+        mu_y, ls_y = mu_y[:, tgt], ls_y[:, tgt]
         ls_xi = self._log_sigma_xi()
         if self.cfg.sample_memory:
             mu_z, ls_z, reads = self._read_z(e, w, pi, self.memory.sample(post))
@@ -105,14 +106,15 @@ class ProductKanervaMachine(KanervaMachine):
         kl_y_dims = gaussian_kl(mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]),
                                 torch.zeros_like(ls_y[..., None]))  # (B, T, d_y)
         kl_y = kl_y_dims.sum(-1).mean(1)
-        kl_m = kl_M / T
-        kl = kl_y + kl_c + kl_z + kl_m
+        parts = {"kl_y": kl_y, "kl_c": kl_c, "kl_z": kl_z}
+        if not targets:  # the held-out targets do not pay for the memory (it is the context's)
+            parts["kl_M"] = self.memory.kl(post) / T
+        kl = sum(parts.values())
         neg_elbo = recon + kl
         loss = neg_elbo
         if self.cfg.kl_y_free_bits > 0:
             loss = loss - kl_y + kl_y_dims.mean((0, 1)).clamp(min=self.cfg.kl_y_free_bits).sum()
-        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl,
-                             parts={"kl_y": kl_y, "kl_c": kl_c, "kl_z": kl_z, "kl_M": kl_m})
+        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts)
 
     def _posterior_means(self, x: torch.Tensor):
         e = self.encode_images(x)
@@ -149,9 +151,11 @@ class ProductKanervaMachine(KanervaMachine):
         return self.mean_image(self.decode_codes(r + torch.randn_like(r) * self._log_sigma_xi().exp()))
 
     @torch.no_grad()
-    def log_likelihood_is(self, x: torch.Tensor, samples: int) -> torch.Tensor:
-        """Importance-sampled ln p(X) / T, c summed out exactly: p(z|y,M) = 1/P sum_p N(z; w_p^T M_p, sigma_xi^2)."""
-        B, T = x.shape[:2]
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        """Importance-sampled ln p(X) / T, c summed out exactly: p(z|y,M) = 1/P sum_p N(z; w_p^T M_p, sigma_xi^2).
+        targets = n: ln p(x_targets | X_ctx) / n with M ~ q(M | X_ctx) and no M term in the weight (as KM)."""
+        ctx, tgt = self.check_episodes(x, self.image_shape, targets)
+        B = x.shape[0]
         e = self.encode_images(x)
         mu_y, ls_y = self.posterior_y(e)
         pi = self.machine_weights(e)
@@ -160,16 +164,19 @@ class ProductKanervaMachine(KanervaMachine):
         for _ in range(samples):
             y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
             w = self.address(y)
-            post = self._write(e, w, pi)
+            post = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])
             M = self.memory.sample(post)
-            mu_z, ls_z, _ = self._read_z(e, w, pi, M if self.cfg.sample_memory else post.R)
-            reads = w @ M  # (B, P, T, C)
+            et, wt, pit, yt = e[:, tgt], w[:, :, tgt], pi[:, tgt], y[:, tgt]
+            mu_z, ls_z, _ = self._read_z(et, wt, pit, M if self.cfg.sample_memory else post.R)
+            reads = wt @ M  # (B, P, T, C)
             z = mu_z + torch.randn_like(mu_z) * ls_z.exp()
             ls_xi = self._log_sigma_xi().expand_as(reads)
             log_pz = torch.logsumexp(gaussian_log_prob(z[:, None], reads, ls_xi), dim=1) - math.log(P)  # (B, T)
-            lw = (self.log_px(self.decode_codes(z), x) + log_pz - gaussian_log_prob(z, mu_z, ls_z)
-                  + gaussian_log_prob(y, torch.zeros_like(y), torch.zeros_like(y)) - gaussian_log_prob(y, mu_y, ls_y)
-                  ).sum(1)
-            prior = self.memory.prior(B)
-            log_w.append(lw + (log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post)).sum(-1))
-        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / T
+            lw = (self.log_px(self.decode_codes(z), x[:, tgt]) + log_pz - gaussian_log_prob(z, mu_z, ls_z)
+                  + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt))
+                  - gaussian_log_prob(yt, mu_y[:, tgt], ls_y[:, tgt])).sum(1)
+            if not targets:
+                prior = self.memory.prior(B)
+                lw = lw + (log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post)).sum(-1)
+            log_w.append(lw)
+        return (torch.logsumexp(torch.stack(log_w), 0) - math.log(samples)) / (tgt.stop - tgt.start)

@@ -1,7 +1,9 @@
 """VAE baseline on the shared nets.
 
 The VAE has no memory: an episode is T independent images, so it is evaluated on exactly
-the same episodes as the memory models. q(z|x) = N(mu(e(x)), diag sigma^2(e(x))),
+the same episodes as the memory models. Its three test protocols coincide: the memory-conditional
+number is the joint bound (there is no KL(M)), and the held-out one scores the same targets on
+their own (the context is ignored). q(z|x) = N(mu(e(x)), diag sigma^2(e(x))),
 p(z) = N(0, I), x ~ p(x | decoder(z)).
 """
 
@@ -37,8 +39,8 @@ class VAE(EpisodeModel):
         mu, log_sigma = self.q_z(self.encode_images(x)).chunk(2, dim=-1)
         return mu, log_sigma.clamp(-10, 5)
 
-    def episode_elbo(self, x: torch.Tensor) -> EpisodeOutput:
-        self.check_episodes(x, self.image_shape)
+    def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        x = x[:, self.check_episodes(x, self.image_shape, targets)[1]]  # no memory: score the targets alone
         mu, log_sigma = self.posterior(x)
         z = mu + torch.randn_like(mu) * log_sigma.exp()  # (B, T, C_z) reparameterised
         recon = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,)
@@ -58,8 +60,10 @@ class VAE(EpisodeModel):
         return self.mean_image(self.decode_codes(z))
 
     @torch.no_grad()
-    def log_likelihood_is(self, x: torch.Tensor, samples: int, chunk: int = 25) -> torch.Tensor:
-        """log p(x) ~= logmeanexp_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)], per image, mean over T."""
+    def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0, chunk: int = 25) -> torch.Tensor:
+        """log p(x) ~= logmeanexp_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)], per image, mean over T
+        (over the last `targets` items only when targets > 0: the context says nothing to a VAE)."""
+        x = x[:, self.check_episodes(x, self.image_shape, targets)[1]]
         mu, log_sigma = self.posterior(x)  # (B, T, C_z)
         log_w = []
         for s0 in range(0, samples, chunk):
