@@ -1,6 +1,7 @@
 """`km compare`: tables and plots across runs.
 
     km compare TARGET... [--out DIR] [--metric test/neg_elbo] [--curve-metric val/neg_elbo] [--by KEY]
+                         [--doc PATH]
     km compare --wandb ENTITY/PROJECT [...]
 
 TARGETs are run directories (a directory holding config.yaml), sweep directories (holding state.json:
@@ -11,17 +12,48 @@ Runs are grouped by (data set, model, episode length[, --by config keys]); the s
 pooled. Test numbers come from each run's eval.json (written by `km train` / `km eval`); runs without
 one (or whose eval.json is for another split) are counted and left out of the table but their
 metrics.csv still feeds the learning curves. Failed runs (run.json status 'failed') are left out of
-both. Written into --out (default runs/compare/<timestamp>, or <sweep dir>/compare for one sweep dir):
+both. A run counts as evaluated when it has any metric of --metric's split family: for a test
+metric that is any `test*/` metric (`test/` = iid episodes, `test_class/` = one-class episodes).
 
-    table.md / table.csv   one row per group: mean ± std over seeds for every test metric, n, unit,
-                           episode length T, IS sample count; sorted by data set, then the mean of
-                           --metric; the best group per data set (lowest --metric) is bold in
-                           table.md and has best=1 in table.csv.
+Every metric belongs to one protocol group, and no table column mixes two:
+
+    joint               neg_elbo, nll_is{S}, recon, kl, kl_<part>: the bound of the whole episode per
+                        image, every KL inside; bounds ln p(X)/T (nll_is{S}: importance-sampled NLL).
+    memory_conditional  memory_conditional: the K++/GPM protocol (memory written from the whole
+                        episode, each item scored by recon + its own KLs, KL(M) left out); NOT a bound.
+    heldout             heldout, heldout_nll_is{S}, heldout_recon, heldout_kl[_<part>]: memory written
+                        from the first T-n items, the n targets scored (eval.json heldout_targets = n);
+                        bounds ln p(x_target | context) per target image.
+    other               anything else.
+
+Column order: joint | memory-conditional | held-out (iid) | held-out (class) | joint (class) |
+memory-conditional (class) | other. Written into --out (default runs/compare/<timestamp>, or
+<sweep dir>/compare for one sweep dir):
+
+    table.md / table.csv   one row per group: mean ± std over seeds per test metric, n, unit, episode
+                           length T, IS sample count, steps and train seconds (means over seeds of
+                           eval.json `steps` / `train_seconds`, where known); sorted by data set, then
+                           the mean of --metric. table.md opens with one line per column group naming
+                           its protocol and shows the main columns (joint: neg_elbo, nll_is*, recon, kl;
+                           memory_conditional; heldout: heldout, heldout_nll_is*; the same for
+                           test_class/; + --metric); table.csv has every metric, in group order.
+                           The best group per data set (lowest --metric) is bold in table.md and has
+                           best=1 in table.csv, but only when the groups compared share one training
+                           budget (the same `steps` wherever known); otherwise none is marked and a
+                           note says so.
     curves_<data>.png      --curve-metric vs epoch per data set, one line per group (mean over seeds,
                            shaded ± std where two or more seeds reach that epoch).
-    nll_bars.png           --metric per group, one subplot per data set (units differ), error bars =
-                           std over seeds, n under each bar; the y axis is zoomed onto the bars.
-    summary.json           the same numbers, machine readable (groups, per-run rows, curves).
+    nll_bars.png           --metric per group (the name is historical: the axis names the metric and
+                           its protocol), one subplot per data set (units differ), error bars = std
+                           over seeds, n under each bar; the y axis is zoomed onto the bars.
+    summary.json           the same numbers, machine readable (groups, column_groups, notes, per-run
+                           rows, curves).
+
+`--doc PATH` also writes the tables into a markdown document between the lines
+`<!-- km compare: begin -->` and `<!-- km compare: end -->`: only that block is replaced (hand-written
+text around it is kept); a file without the markers gets the block appended, a missing file is created.
+The block holds the command that regenerates it, the date, the column-group legend, one table per
+data set (units in the header) and the notes. The file is written atomically (temp file + os.replace).
 
 Std is the sample std (ddof=1). With one run it is undefined: '-' in table.md, empty in table.csv,
 null in summary.json, no error bar / band in the plots. Every metric is lower-is-better.
@@ -45,8 +77,11 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -174,6 +209,11 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _count(v: Any) -> int | None:
+    f = _finite(v)
+    return int(f) if f is not None else None
+
+
 def read_curves(metrics_csv: Path, prefix: str = "val/") -> dict[str, list[list[float]]]:
     """{metric: [[epoch, value], ...]} for every `prefix` column of a CSVLogger metrics.csv (rows
     are sparse: a value counts only where present; a repeated epoch keeps its last value)."""
@@ -224,6 +264,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "unit": (ev or {}).get("unit"),
         "is_samples": (ev or {}).get("is_samples", _get(cfg, "eval.is_samples")),
         "episodes": (ev or {}).get("episodes"),
+        "heldout_targets": _count((ev or {}).get("heldout_targets")),
+        "class_episodes": (ev or {}).get("class_episodes"),
+        "steps": _finite((ev or {}).get("steps")),
+        "train_seconds": _finite((ev or {}).get("train_seconds")),
         "metrics": metrics,
         "curves": read_curves(run_dir / "metrics.csv"),
         "config": cfg,
@@ -279,40 +323,175 @@ def collect_wandb(project: str, curve_metric: str = CURVE_METRIC) -> list[dict[s
             curve = [[e, per[e]] for e in sorted(per)]
         except Exception:  # noqa: BLE001 - curves are optional
             pass
-        rows.append({
-            "run_dir": f"wandb:{project}/{r.id}", "name": _get(cfg, "name", r.name), "run_id": r.id,
-            "model": _get(cfg, "model.name") or "?", "data": data, "seed": _get(cfg, "seed"),
-            "status": {"crashed": "failed"}.get(r.state, r.state), "error": None,
-            "episode_length": _get(cfg, "data.episode_length"), "split": None,
-            "unit": summary.get("unit") or UNIT_BY_DATA.get(data, DEFAULT_UNIT),
-            "is_samples": _get(cfg, "eval.is_samples"), "episodes": None,
-            "metrics": {k: f for k, v in summary.items()
-                        if "/" in k and not isinstance(v, bool) and (f := _finite(v)) is not None},
-            "curves": {curve_metric: curve} if curve else {}, "config": cfg,
-        })
+        rows.append(
+            {
+                "run_dir": f"wandb:{project}/{r.id}",
+                "name": _get(cfg, "name", r.name),
+                "run_id": r.id,
+                "model": _get(cfg, "model.name") or "?",
+                "data": data,
+                "seed": _get(cfg, "seed"),
+                "status": {"crashed": "failed"}.get(r.state, r.state),
+                "error": None,
+                "episode_length": _get(cfg, "data.episode_length"),
+                "split": None,
+                "unit": summary.get("unit") or UNIT_BY_DATA.get(data, DEFAULT_UNIT),
+                "is_samples": _get(cfg, "eval.is_samples"),
+                "episodes": None,
+                "heldout_targets": None,
+                "class_episodes": None,
+                "steps": None,
+                "train_seconds": None,
+                "metrics": {
+                    k: f
+                    for k, v in summary.items()
+                    if "/" in k and not isinstance(v, bool) and (f := _finite(v)) is not None
+                },
+                "curves": {curve_metric: curve} if curve else {},
+                "config": cfg,
+            }
+        )
     return rows
+
+
+# ---- protocols ----------------------------------------------------------------------------------
+
+PROTOCOL_TITLES = {
+    "joint": "joint bound -ELBO/T (every KL, bounds ln p(X)/T)",
+    "memory_conditional": "memory-conditional (KL(M) left out; NOT a bound on ln p(X); the K++/GPM protocol)",
+    "heldout": "held-out {n}targets (bounds ln p(x_target | context))",
+    "other": "other metrics",
+}
+SHORT_NAMES = {"joint": "joint", "memory_conditional": "mem-cond", "heldout": "held-out", "other": "other"}
+# column-group order: (one-class episodes?, protocol) -> rank
+GROUP_RANK = {
+    (False, "joint"): 0,
+    (False, "memory_conditional"): 1,
+    (False, "heldout"): 2,
+    (True, "heldout"): 3,
+    (True, "joint"): 4,
+    (True, "memory_conditional"): 5,
+    (False, "other"): 6,
+    (True, "other"): 7,
+}
+CORE_PART_RANK = {"joint": 3, "memory_conditional": 0, "heldout": 1, "other": -1}  # table.md shows ranks <= this
+
+
+def classify(name: str) -> tuple[str, str, str]:
+    """(split, protocol, part) of a metric name, e.g. 'test_class/heldout_kl_z' -> ('test_class',
+    'heldout', 'kl_z'); the bound itself is part 'neg_elbo' (joint, heldout) or 'score' (memory_conditional)."""
+    split, _, leaf = name.partition("/")
+    if leaf == "memory_conditional":
+        return split, "memory_conditional", "score"
+    if leaf == "heldout" or leaf.startswith("heldout_"):
+        return split, "heldout", leaf[len("heldout_") :] or "neg_elbo"
+    if leaf in ("neg_elbo", "recon", "kl") or leaf.startswith("kl_") or re.fullmatch(r"nll_is\d+", leaf):
+        return split, "joint", leaf
+    return split, "other", leaf
+
+
+def split_family(split: str) -> str:
+    """'test' for test/ and test_class/ (and any test*/), otherwise the split itself."""
+    return "test" if split.startswith("test") else split
+
+
+def is_class_split(split: str) -> bool:
+    return split.endswith("_class")
+
+
+def episode_kind(split: str) -> str:
+    return "one-class episodes" if is_class_split(split) else "iid episodes"
+
+
+def _part_rank(part: str) -> tuple[int, int]:
+    if part in ("neg_elbo", "score"):
+        return (0, 0)
+    if m := re.fullmatch(r"nll_is(\d+)", part):
+        return (1, int(m.group(1)))
+    return {"recon": (2, 0), "kl": (3, 0)}.get(part, (4, 0))
+
+
+def _metric_order(name: str) -> tuple[str, int, int, int, str]:
+    split, protocol, part = classify(name)
+    return (split_family(split), GROUP_RANK[(is_class_split(split), protocol)], *_part_rank(part), name)
+
+
+def is_core(name: str) -> bool:
+    """A main column of table.md: joint neg_elbo/nll_is*/recon/kl, memory_conditional, heldout/heldout_nll_is*."""
+    _, protocol, part = classify(name)
+    return _part_rank(part)[0] <= CORE_PART_RANK[protocol]
+
+
+def describe(name: str) -> str:
+    """What a metric is, in a few words: 'joint bound -ELBO/T', 'held-out bound -ELBO/target, one-class episodes'."""
+    split, protocol, part = classify(name)
+    if protocol == "other":
+        return name
+    if protocol == "memory_conditional":
+        what = "memory-conditional score (KL(M) left out, not a bound)"
+    else:
+        proto, per = ("joint", "/T") if protocol == "joint" else ("held-out", "/target")
+        sample = re.fullmatch(r"nll_is(\d+)", part)
+        if part == "neg_elbo":
+            what = f"{proto} bound -ELBO{per}"
+        elif sample:
+            what = f"{proto} NLL{per} estimate ({sample.group(1)} importance samples)"
+        else:
+            what = f"{proto} bound: {part.replace('_', ' ')} term"
+    return what + (", one-class episodes" if is_class_split(split) else "")
+
+
+def _targets_text(targets: list[int]) -> str:
+    return f"n={'/'.join(map(str, targets))} " if targets else ""
+
+
+def column_groups(columns: list[str], heldout_targets: list[int] | tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Consecutive runs of `columns` (already in table order) that share (split, protocol), each with
+    its title: [{split, protocol, kind, title, columns, core}]."""
+    groups: list[dict[str, Any]] = []
+    for c in columns:
+        split, protocol, _ = classify(c)
+        if not groups or (groups[-1]["split"], groups[-1]["protocol"]) != (split, protocol):
+            title = PROTOCOL_TITLES[protocol].format(n=_targets_text(list(heldout_targets)))
+            groups.append(
+                {
+                    "split": split,
+                    "protocol": protocol,
+                    "kind": episode_kind(split),
+                    "title": title,
+                    "columns": [],
+                    "core": [],
+                }
+            )
+        groups[-1]["columns"].append(c)
+        if is_core(c):
+            groups[-1]["core"].append(c)
+    return groups
 
 
 # ---- aggregation ------------------------------------------------------------------------------
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
-def _metric_order(name: str) -> tuple[int, int, str]:
-    leaf = name.split("/", 1)[-1]
-    if leaf == "neg_elbo":
-        return (0, 0, name)
-    if m := re.fullmatch(r"nll_is(\d+)", leaf):
-        return (1, int(m.group(1)), name)
-    return {"recon": (2, 0, name), "kl": (3, 0, name)}.get(leaf, (4, 0, name))
+def _mean_of(rs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
 
 
 def _group_key(row: dict[str, Any], by: tuple[str, ...]) -> tuple:
-    return (str(row["data"]), str(row["model"]), row["episode_length"],
-            *(json.dumps(_get(row["config"], k), sort_keys=True, default=str) for k in by))
+    return (
+        str(row["data"]),
+        str(row["model"]),
+        row["episode_length"],
+        *(json.dumps(_get(row["config"], k), sort_keys=True, default=str) for k in by),
+    )
 
 
 def _labels(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, str]:
@@ -332,18 +511,70 @@ def _labels(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, str]
     return out
 
 
-def aggregate(rows: list[dict[str, Any]], metric: str = MAIN_METRIC, by: tuple[str, ...] | list[str] = (),
-              curve_metric: str = CURVE_METRIC) -> dict[str, Any]:
+def _make_group(
+    key: tuple, rs: list[dict[str, Any]], family: str, by: tuple[str, ...], label: str, unit: str
+) -> dict[str, Any]:
+    names = sorted({k for r in rs for k in r["metrics"] if split_family(k.split("/")[0]) == family}, key=_metric_order)
+    stats = {name: _stats([r["metrics"][name] for r in rs if name in r["metrics"]]) for name in names}
+    return {
+        "data": key[0],
+        "model": key[1],
+        "label": label,
+        "episode_length": key[2],
+        "by": {b: _get(rs[0]["config"], b) for b in by},
+        "unit": rs[0]["unit"] or unit,
+        "is_samples": sorted({r["is_samples"] for r in rs if r["is_samples"] is not None}),
+        "n": len(rs),
+        "seeds": sorted((r["seed"] for r in rs), key=str),
+        "steps": _mean_of(rs, "steps"),
+        "train_seconds": _mean_of(rs, "train_seconds"),
+        "steps_values": sorted({int(r["steps"]) for r in rs if r.get("steps") is not None}),
+        "heldout_targets": sorted({r["heldout_targets"] for r in rs if r.get("heldout_targets") is not None}),
+        "run_dirs": [r["run_dir"] for r in rs],
+        "metrics": stats,
+        "best": False,
+    }
+
+
+def _steps_text(g: dict[str, Any]) -> str:
+    return "/".join(map(str, g["steps_values"])) or "?"
+
+
+def mark_best(groups: list[dict[str, Any]], metric: str) -> list[str]:
+    """Set best=True on the lowest mean of `metric` per data set, where the groups that have it share
+    one training budget (the same `steps` wherever known; unknown everywhere counts as shared).
+    Returns a note per data set where the budgets differ and nothing is marked."""
+    notes = []
+    for data in sorted({g["data"] for g in groups}):
+        cands = [g for g in groups if g["data"] == data and metric in g["metrics"]]
+        if len({s for g in cands for s in g["steps_values"]}) > 1:
+            steps = ", ".join(f"{g['label']} {_steps_text(g)}" for g in cands)
+            notes.append(f"no best marked for {data}: runs trained for different budgets (steps: {steps})")
+            continue
+        best = min((g["metrics"][metric]["mean"] for g in cands), default=math.inf)
+        for g in cands:
+            g["best"] = math.isfinite(best) and g["metrics"][metric]["mean"] == best
+    return notes
+
+
+def aggregate(
+    rows: list[dict[str, Any]],
+    metric: str = MAIN_METRIC,
+    by: tuple[str, ...] | list[str] = (),
+    curve_metric: str = CURVE_METRIC,
+) -> dict[str, Any]:
     """Pool seeds per (data, model, episode length, *by). Returns a dict:
     groups (sorted by data set, then mean of `metric`; each with data, model, label, unit,
-    episode_length, is_samples, n, seeds, run_dirs, metrics {name: {mean, std, n}}, best),
-    columns (metric names in table order), curves {data: [{label, epochs, mean, std, n}]},
-    units {data: unit}, failed / without_eval (run dirs left out of the table), metric, by."""
+    episode_length, is_samples, n, seeds, steps, train_seconds (means over seeds, None where unknown),
+    steps_values, heldout_targets, run_dirs, metrics {name: {mean, std, n}}, best),
+    columns (metric names in table order), column_groups (see column_groups()), best_notes,
+    curves {data: [{label, epochs, mean, std, n}]}, units {data: unit}, failed / without_eval
+    (run dirs left out of the table), metric, by."""
     by = tuple(by)
-    split = metric.split("/", 1)[0] + "/"
+    family = split_family(metric.split("/", 1)[0])
     failed = [r for r in rows if r["status"] == "failed"]
     live = [r for r in rows if r["status"] != "failed"]
-    evaluated = [r for r in live if any(k.startswith(split) for k in r["metrics"])]
+    evaluated = [r for r in live if any(split_family(k.split("/", 1)[0]) == family for k in r["metrics"])]
     without = [r for r in live if r not in evaluated]
     labels = _labels(live, by)
 
@@ -357,46 +588,39 @@ def aggregate(rows: list[dict[str, Any]], metric: str = MAIN_METRIC, by: tuple[s
     buckets: dict[tuple, list[dict[str, Any]]] = {}
     for r in evaluated:
         buckets.setdefault(_group_key(r, by), []).append(r)
-    groups = []
-    columns: set[str] = set()
-    for key, rs in buckets.items():
-        names = sorted({k for r in rs for k in r["metrics"] if k.startswith(split)}, key=_metric_order)
-        columns.update(names)
-        stats = {}
-        for name in names:
-            vals = [r["metrics"][name] for r in rs if name in r["metrics"]]
-            stats[name] = _stats(vals)
-        groups.append({
-            "data": key[0], "model": key[1], "label": labels[key], "episode_length": key[2],
-            "by": {b: _get(rs[0]["config"], b) for b in by},
-            "unit": rs[0]["unit"] or units[key[0]],
-            "is_samples": sorted({r["is_samples"] for r in rs if r["is_samples"] is not None}),
-            "n": len(rs), "seeds": sorted((r["seed"] for r in rs), key=str),
-            "run_dirs": [r["run_dir"] for r in rs], "metrics": stats, "best": False,
-        })
+    groups = [_make_group(k, rs, family, by, labels[k], units[k[0]]) for k, rs in buckets.items()]
 
     def main_mean(g: dict[str, Any]) -> float:
         s = g["metrics"].get(metric)
         return s["mean"] if s else math.inf
 
     groups.sort(key=lambda g: (g["data"], main_mean(g), g["label"]))
-    for data in {g["data"] for g in groups}:
-        best = min((main_mean(g) for g in groups if g["data"] == data), default=math.inf)
-        for g in groups:
-            if g["data"] == data and math.isfinite(best) and main_mean(g) == best:
-                g["best"] = True
-
+    best_notes = mark_best(groups, metric)
+    columns = sorted({c for g in groups for c in g["metrics"]}, key=_metric_order)
+    targets = sorted({t for g in groups for t in g["heldout_targets"]})
     return {
-        "metric": metric, "curve_metric": curve_metric, "by": list(by),
-        "columns": sorted(columns, key=_metric_order), "groups": groups, "units": units,
+        "metric": metric,
+        "curve_metric": curve_metric,
+        "by": list(by),
+        "columns": columns,
+        "column_groups": column_groups(columns, targets),
+        "heldout_targets": targets,
+        "groups": groups,
+        "units": units,
+        "best_notes": best_notes,
         "curves": aggregate_curves(live, curve_metric, by, labels),
-        "runs": len(rows), "failed": [r["run_dir"] for r in failed],
+        "runs": len(rows),
+        "failed": [r["run_dir"] for r in failed],
         "without_eval": [r["run_dir"] for r in without],
     }
 
 
-def aggregate_curves(rows: list[dict[str, Any]], key: str = CURVE_METRIC, by: tuple[str, ...] = (),
-                     labels: dict[tuple, str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def aggregate_curves(
+    rows: list[dict[str, Any]],
+    key: str = CURVE_METRIC,
+    by: tuple[str, ...] = (),
+    labels: dict[tuple, str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     """{data: [{label, model, epochs, mean, std, n}]}: `key` per epoch, mean/std over the group's
     runs that reached that epoch (std None where only one did)."""
     labels = labels or _labels(rows, by)
@@ -412,14 +636,23 @@ def aggregate_curves(rows: list[dict[str, Any]], key: str = CURVE_METRIC, by: tu
         d = per[gk]
         eps = sorted(d)
         st = [_stats(d[e]) for e in eps]
-        out.setdefault(gk[0], []).append({
-            "label": labels[gk], "model": gk[1], "epochs": eps, "mean": [s["mean"] for s in st],
-            "std": [s["std"] for s in st], "n": [s["n"] for s in st],
-        })
+        out.setdefault(gk[0], []).append(
+            {
+                "label": labels[gk],
+                "model": gk[1],
+                "epochs": eps,
+                "mean": [s["mean"] for s in st],
+                "std": [s["std"] for s in st],
+                "n": [s["n"] for s in st],
+            }
+        )
     return out
 
 
-# ---- output -----------------------------------------------------------------------------------
+# ---- tables -------------------------------------------------------------------------------------
+
+DOC_BEGIN = "<!-- km compare: begin -->"
+DOC_END = "<!-- km compare: end -->"
 
 
 def _decimals(unit: str | None) -> int:
@@ -427,52 +660,225 @@ def _decimals(unit: str | None) -> int:
 
 
 def _table_columns(agg: dict[str, Any]) -> list[str]:
-    """Columns shown in table.md: neg_elbo, nll_is*, recon, kl (+ --metric); table.csv has all."""
-    core = [c for c in agg["columns"] if _metric_order(c)[0] < 4 or c == agg["metric"]]
-    return core
+    """Columns shown in table.md: the main ones of each protocol group (+ --metric); table.csv has all."""
+    return [c for c in agg["columns"] if is_core(c) or c == agg["metric"]]
+
+
+def _info_columns(groups: list[dict[str, Any]]) -> list[str]:
+    """'steps' / 'train s' where any group knows them."""
+    return [h for h, k in (("steps", "steps"), ("train s", "train_seconds")) if any(g[k] is not None for g in groups)]
+
+
+def _fmt_info(g: dict[str, Any], head: str) -> str:
+    if head == "steps":
+        v = g["steps"]
+        return "" if v is None else f"{v:.0f}" if v == round(v) else f"{v:.1f}"
+    v = g["train_seconds"]
+    return "" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _cell(g: dict[str, Any], c: str, metric: str) -> str:
+    s = g["metrics"].get(c)
+    if not s:
+        return ""
+    dec = _decimals(g["unit"])
+    txt = f"{s['mean']:.{dec}f} ± " + (f"{s['std']:.{dec}f}" if s["std"] is not None else "-")
+    if s["n"] != g["n"]:
+        txt += f" (n={s['n']})"
+    return f"**{txt}**" if g["best"] and c == metric else txt
+
+
+def _md_table(head: list[str], rows: list[list[str]], n_right: int) -> list[str]:
+    esc = [[x.replace("|", "\\|") for x in r] for r in [head, *rows]]
+    align = ["---"] * (len(head) - n_right) + ["---:"] * n_right
+    return ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(align) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in esc[1:]
+    ]
+
+
+def format_legend(agg: dict[str, Any], shown: list[str] | None = None) -> list[str]:
+    """One line per column group (of the columns in `shown`, default table.md's) naming its protocol."""
+    shown = _table_columns(agg) if shown is None else shown
+    lines = []
+    for grp in agg["column_groups"]:
+        cols = [c for c in grp["columns"] if c in shown]
+        if cols:
+            lines.append(f"- {grp['kind']} ({grp['split']}/), {grp['title']}: {', '.join(cols)}")
+    return ["Column groups (lower is better; every column belongs to exactly one protocol):", *lines] if lines else []
 
 
 def format_markdown(agg: dict[str, Any]) -> str:
+    """The column-group legend and the table (one row per group, every data set)."""
     cols = _table_columns(agg)
-    by = agg["by"]
-    head = ["data", "model", *by, "unit", "T", "IS", "n", *cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(cols)) + ["---:"] * len(cols)) + "|"]
+    by, info = agg["by"], _info_columns(agg["groups"])
+    head = ["data", "model", *by, "unit", "T", "IS", "n", *info, *cols]
+    rows = []
     for g in agg["groups"]:
-        dec = _decimals(g["unit"])
-        cells = []
-        for c in cols:
-            s = g["metrics"].get(c)
-            if not s:
-                cells.append("")
-                continue
-            txt = f"{s['mean']:.{dec}f} ± " + (f"{s['std']:.{dec}f}" if s["std"] is not None else "-")
-            if s["n"] != g["n"]:
-                txt += f" (n={s['n']})"
-            if g["best"] and c == agg["metric"]:
-                txt = f"**{txt}**"
-            cells.append(txt)
         model = f"**{g['model']}**" if g["best"] else g["model"]
-        row = [g["data"], model, *(str(g["by"].get(b)) for b in by), g["unit"] or "", str(g["episode_length"]),
-               "/".join(map(str, g["is_samples"])), str(g["n"]), *cells]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(
+            [
+                g["data"],
+                model,
+                *(str(g["by"].get(b)) for b in by),
+                g["unit"] or "",
+                str(g["episode_length"]),
+                "/".join(map(str, g["is_samples"])),
+                str(g["n"]),
+                *(_fmt_info(g, h) for h in info),
+                *(_cell(g, c, agg["metric"]) for c in cols),
+            ]
+        )
+    return "\n".join([*format_legend(agg, cols), "", *_md_table(head, rows, len(info) + len(cols))]) + "\n"
+
+
+def _best_line(agg: dict[str, Any]) -> str:
+    return (
+        f"Bold = best: the lowest {agg['metric']} ({describe(agg['metric'])}) per data set, marked only where "
+        "the groups compared trained for the same number of steps (as far as eval.json records them)."
+    )
+
+
+def _doc_header(name: str, unit: str) -> str:
+    """Column header for --doc tables: protocol group, quantity, unit, e.g. 'held-out (class) NLL IS20 [nats/image]'."""
+    split, protocol, part = classify(name)
+    if protocol == "other":
+        return f"{name} [{unit}]"
+    per = "/T" if protocol == "joint" else "/target"
+    sample = re.fullmatch(r"nll_is(\d+)", part)
+    what = {"neg_elbo": f"-ELBO{per}", "score": "", "recon": "recon", "kl": "KL"}.get(part)
+    if what is None:
+        what = f"NLL IS{sample.group(1)}" if sample else part.replace("kl_", "KL ").replace("_", " ")
+    kind = " (class)" if is_class_split(split) else ""
+    return " ".join(x for x in (f"{SHORT_NAMES[protocol]}{kind}", what, f"[{unit}]") if x)
+
+
+def format_doc_tables(agg: dict[str, Any]) -> list[str]:
+    """One markdown table per data set: rows = groups, columns = the main metrics by protocol group."""
+    lines = []
+    for data in sorted({g["data"] for g in agg["groups"]}):
+        gs = [g for g in agg["groups"] if g["data"] == data]
+        unit = gs[0]["unit"] or agg["units"].get(data, DEFAULT_UNIT)
+        cols = [c for c in _table_columns(agg) if any(c in g["metrics"] for g in gs)]
+        info = _info_columns(gs)
+        head = ["model", *agg["by"], "n", "T", "IS", *info, *(_doc_header(c, unit) for c in cols)]
+        rows = [
+            [
+                f"**{g['label']}**" if g["best"] else g["label"],
+                *(str(g["by"].get(b)) for b in agg["by"]),
+                str(g["n"]),
+                str(g["episode_length"]),
+                "/".join(map(str, g["is_samples"])),
+                *(_fmt_info(g, h) for h in info),
+                *(_cell(g, c, agg["metric"]) for c in cols),
+            ]
+            for g in gs
+        ]
+        lines += [
+            f"**{data}** ({unit}, sorted by {agg['metric']})",
+            "",
+            *_md_table(head, rows, 3 + len(info) + len(cols)),
+            "",
+        ]
+    return lines
+
+
+def format_doc_block(agg: dict[str, Any], command: str, date: str) -> str:
+    """The marked block --doc writes: command + date, legend, one table per data set, notes."""
+    return "\n".join(
+        [
+            DOC_BEGIN,
+            "<!-- generated: everything between these markers is replaced by the command below -->",
+            "",
+            f"Regenerate with `{command}` ({date}). Mean ± std over seeds (sample std; '-' = one run).",
+            _best_line(agg),
+            "",
+            *format_legend(agg),
+            "",
+            *format_doc_tables(agg),
+            *(f"- {n}" for n in _notes(agg)),
+            DOC_END,
+        ]
+    )
+
+
+def splice_doc(text: str | None, block: str, path: Path) -> str:
+    """`text` with its marked block replaced by `block` (the block appended where there is none;
+    just the block for a missing file)."""
+    if text is None:
+        return block + "\n"
+    begin = text.find(DOC_BEGIN)
+    if begin < 0:
+        sep = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+        return text + sep + block + "\n"
+    end = text.find(DOC_END, begin)
+    if end < 0:
+        raise _error(f"--doc {path}: '{DOC_BEGIN}' without '{DOC_END}' after it; fix the markers by hand")
+    return text[:begin] + block + text[end + len(DOC_END) :]
+
+
+def write_doc(path: Path, block: str) -> None:
+    """Replace the marked block of the markdown file `path` by `block`, atomically (temp file + os.replace)."""
+    real = Path(os.path.realpath(path))
+    try:
+        old: str | None = real.read_text()
+    except FileNotFoundError:
+        old = None
+    new = splice_doc(old, block, path)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(new)
+        if old is not None:
+            shutil.copymode(real, tmp)
+        os.replace(tmp, real)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_csv(agg: dict[str, Any], path: Path) -> None:
     by = agg["by"]
-    head = ["data", "model", "label", *by, "unit", "episode_length", "is_samples", "n", "seeds", "best"]
+    head = [
+        "data",
+        "model",
+        "label",
+        *by,
+        "unit",
+        "episode_length",
+        "is_samples",
+        "n",
+        "seeds",
+        "steps",
+        "train_seconds",
+        "heldout_targets",
+        "best",
+    ]
     for c in agg["columns"]:
         head += [f"{c} mean", f"{c} std", f"{c} n"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         for g in agg["groups"]:
-            row = [g["data"], g["model"], g["label"], *(g["by"].get(b) for b in by), g["unit"], g["episode_length"],
-                   "/".join(map(str, g["is_samples"])), g["n"], " ".join(map(str, g["seeds"])), int(g["best"])]
+            row = [
+                g["data"],
+                g["model"],
+                g["label"],
+                *(g["by"].get(b) for b in by),
+                g["unit"],
+                g["episode_length"],
+                "/".join(map(str, g["is_samples"])),
+                g["n"],
+                " ".join(map(str, g["seeds"])),
+                *("" if g[k] is None else repr(g[k]) for k in ("steps", "train_seconds")),
+                "/".join(map(str, g["heldout_targets"])),
+                int(g["best"]),
+            ]
             for c in agg["columns"]:
                 s = g["metrics"].get(c)
                 row += ["", "", 0] if not s else [repr(s["mean"]), "" if s["std"] is None else repr(s["std"]), s["n"]]
             w.writerow(row)
+
+
+# ---- plots --------------------------------------------------------------------------------------
 
 
 def _safe(name: str) -> str:
@@ -484,7 +890,9 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
 
     paths = []
     key = agg["curve_metric"]
-    palette = {lab: f"C{i % 10}" for i, lab in enumerate(sorted({c["label"] for ls in agg["curves"].values() for c in ls}))}
+    palette = {
+        lab: f"C{i % 10}" for i, lab in enumerate(sorted({c["label"] for ls in agg["curves"].values() for c in ls}))
+    }
     for data, lines in sorted(agg["curves"].items()):
         fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
         ax = fig.add_subplot()
@@ -492,8 +900,15 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
             color = palette[c["label"]]  # the same colour for a model in every curves_<data>.png
             lo_n, hi_n = min(c["n"]), max(c["n"])
             n_txt = f"n={hi_n}" if lo_n == hi_n else f"n={lo_n}-{hi_n}"
-            ax.plot(c["epochs"], c["mean"], color=color, marker="o" if len(c["epochs"]) <= 30 else None,
-                    ms=3.5, lw=1.8, label=f"{c['label']} ({n_txt})")
+            ax.plot(
+                c["epochs"],
+                c["mean"],
+                color=color,
+                marker="o" if len(c["epochs"]) <= 30 else None,
+                ms=3.5,
+                lw=1.8,
+                label=f"{c['label']} ({n_txt})",
+            )
             lo = [m - s if s is not None else m for m, s in zip(c["mean"], c["std"], strict=True)]
             hi = [m + s if s is not None else m for m, s in zip(c["mean"], c["std"], strict=True)]
             if any(s is not None for s in c["std"]):
@@ -501,7 +916,7 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
         unit = agg["units"].get(data, DEFAULT_UNIT)
         ax.set_title(f"{data}: {key} ({unit})")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{key} [{unit}]")
+        ax.set_ylabel(textwrap.fill(f"{key}: {describe(key)} [{unit}]", 50), fontsize=8)
         ax.grid(alpha=0.3)
         if all(float(e).is_integer() for c in lines for e in c["epochs"]):
             from matplotlib.ticker import MaxNLocator
@@ -512,6 +927,11 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(p)
         paths.append(p)
     return paths
+
+
+def bar_label(metric: str, unit: str | None = None) -> str:
+    """Axis label of the bar chart: 'test/neg_elbo: joint bound -ELBO/T [nats/image]'."""
+    return f"{metric}: {describe(metric)}" + (f" [{unit}]" if unit else "")
 
 
 def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
@@ -535,11 +955,19 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
         colors = ["C1" if g["best"] else "C0" for g in gs]
         xs = list(range(len(gs)))
         ax.bar(xs, means, color=colors, width=0.65)
-        err = [(x, m, s) for x, m, s, g in zip(xs, means, stds, gs, strict=True)
-               if g["metrics"][metric]["std"] is not None]
+        err = [
+            (x, m, s) for x, m, s, g in zip(xs, means, stds, gs, strict=True) if g["metrics"][metric]["std"] is not None
+        ]
         if err:  # no error bar where a single run leaves the std undefined
-            ax.errorbar([e[0] for e in err], [e[1] for e in err], yerr=[e[2] for e in err], fmt="none",
-                        ecolor="0.15", capsize=4, lw=1.2)
+            ax.errorbar(
+                [e[0] for e in err],
+                [e[1] for e in err],
+                yerr=[e[2] for e in err],
+                fmt="none",
+                ecolor="0.15",
+                capsize=4,
+                lw=1.2,
+            )
         lo = min(m - s for m, s in zip(means, stds, strict=True))
         hi = max(m + s for m, s in zip(means, stds, strict=True))
         span = (hi - lo) or abs(hi) * 0.05 or 1.0
@@ -550,11 +978,16 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
             ax.text(x, m + s + 0.04 * span, f"{m:.{dec}f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(xs, [f"{g['label']}\nn={g['n']}" for g in gs], fontsize=8)
         ax.set_title(data)
-        ax.set_ylabel(f"{metric} [{gs[0]['unit']}]")
+        ax.set_ylabel(textwrap.fill(bar_label(metric, gs[0]["unit"]), 50), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{metric}: mean ± std over seeds\n(lower is better; best per data set in orange; y axis zoomed)",
-                 fontsize=9)
-    p = out / "nll_bars.png"
+    chars = int(fig.get_figwidth() * 13)  # what fits on one line at fontsize 9
+    fig.suptitle(
+        textwrap.fill(f"{bar_label(metric)}: mean ± std over seeds", chars)
+        + "\n"
+        + textwrap.fill("(lower is better; best per data set in orange where the budgets match; y axis zoomed)", chars),
+        fontsize=9,
+    )
+    p = out / "nll_bars.png"  # historical name: the bars show --metric, whatever its protocol
     fig.savefig(p)
     return p
 
@@ -564,41 +997,132 @@ def write_outputs(agg: dict[str, Any], rows: list[dict[str, Any]], out: Path) ->
     out.mkdir(parents=True, exist_ok=True)
     md = format_markdown(agg)
     notes = _notes(agg)
-    (out / "table.md").write_text(f"# {agg['metric']} (mean ± std over seeds, sample std; '-' = one run)\n\n"
-                                  + md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    title = f"# {agg['metric']}: {describe(agg['metric'])} (mean ± std over seeds, sample std; '-' = one run)"
+    (out / "table.md").write_text(
+        f"{title}\n\n{_best_line(agg)}\n\n" + md + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    )
     write_csv(agg, out / "table.csv")
     curves = plot_curves(agg, out)
     bars = plot_bars(agg, out)
     run_rows = [{k: v for k, v in r.items() if k not in ("config", "curves")} for r in rows]
-    summary = {**agg, "run_rows": run_rows}
+    summary = {**agg, "notes": notes, "run_rows": run_rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return {"table_md": out / "table.md", "table_csv": out / "table.csv", "curves": curves, "bars": bars,
-            "summary": out / "summary.json", "markdown": md, "notes": notes}
+    return {
+        "table_md": out / "table.md",
+        "table_csv": out / "table.csv",
+        "curves": curves,
+        "bars": bars,
+        "summary": out / "summary.json",
+        "markdown": md,
+        "notes": notes,
+    }
 
 
 def _notes(agg: dict[str, Any]) -> list[str]:
-    notes = []
+    notes = list(agg["best_notes"])
     if agg["without_eval"]:
-        notes.append(f"{len(agg['without_eval'])} run(s) without {agg['metric'].split('/')[0]} results in eval.json "
-                     f"(left out of the table, curves only): " + ", ".join(agg["without_eval"]))
+        notes.append(
+            f"{len(agg['without_eval'])} run(s) without {_family_of(agg['metric'])} results in eval.json "
+            f"(left out of the table, curves only): " + ", ".join(agg["without_eval"])
+        )
     if agg["failed"]:
         notes.append(f"{len(agg['failed'])} failed run(s) left out: " + ", ".join(agg["failed"]))
     return notes
 
 
+def _family_of(metric: str) -> str:
+    return split_family(metric.split("/", 1)[0])
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 
 
+class _Store(argparse.Action):
+    """argparse's 'store' that also records the tokens it consumed in namespace.compare_argv, so that
+    --doc can write the command that regenerates the document."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        _record(namespace, option_string, values)
+
+
+class _Append(argparse.Action):
+    """argparse's 'append' (fresh list per parse) that records its tokens like _Store."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+        _record(namespace, option_string, values)
+
+
+def _record(namespace: argparse.Namespace, option_string: str | None, values: Any) -> None:
+    tokens = [option_string] if option_string else []
+    tokens += [str(v) for v in (values if isinstance(values, list) else [values]) if v is not None]
+    namespace.compare_argv = [*(getattr(namespace, "compare_argv", None) or []), *tokens]
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """'km compare ...' as given (from the tokens argparse consumed; rebuilt from targets + --doc when
+    args did not come through add_arguments' parser)."""
+    argv = getattr(args, "compare_argv", None) or [*args.targets, *(["--doc", str(args.doc)] if args.doc else [])]
+    return shlex.join(["km", "compare", *argv])
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("targets", nargs="*", metavar="TARGET",
-                   help="run dirs, sweep dirs, parent dirs or globs (quote them: 'runs/cmp/*')")
-    p.add_argument("--out", default=None, help="output dir (default runs/compare/<timestamp>, or <sweep>/compare)")
-    p.add_argument("--metric", default=MAIN_METRIC, help=f"main metric: sort, best, bars (default {MAIN_METRIC})")
-    p.add_argument("--curve-metric", default=CURVE_METRIC, help=f"learning-curve metric (default {CURVE_METRIC})")
-    p.add_argument("--by", action="append", default=[], metavar="KEY",
-                   help="also group by this config key, e.g. --by model.lr (repeatable)")
-    p.add_argument("--wandb", default=None, metavar="[ENTITY/]PROJECT",
-                   help="read runs from the W&B API instead of run directories (needs network + login)")
+    p.set_defaults(compare_argv=[])
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="TARGET",
+        action=_Store,
+        help="run dirs, sweep dirs, parent dirs or globs (quote them: 'runs/cmp/*')",
+    )
+    p.add_argument(
+        "--out", default=None, action=_Store, help="output dir (default runs/compare/<timestamp>, or <sweep>/compare)"
+    )
+    p.add_argument(
+        "--metric", default=MAIN_METRIC, action=_Store, help=f"main metric: sort, best, bars (default {MAIN_METRIC})"
+    )
+    p.add_argument(
+        "--curve-metric", default=CURVE_METRIC, action=_Store, help=f"learning-curve metric (default {CURVE_METRIC})"
+    )
+    p.add_argument(
+        "--by",
+        action=_Append,
+        default=[],
+        metavar="KEY",
+        help="also group by this config key, e.g. --by model.lr (repeatable)",
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="[ENTITY/]PROJECT",
+        action=_Store,
+        help="read runs from the W&B API instead of run directories (needs network + login)",
+    )
+    p.add_argument(
+        "--doc",
+        default=None,
+        metavar="PATH",
+        action=_Store,
+        help=f"also write the tables into this markdown file, between '{DOC_BEGIN}' and "
+        f"'{DOC_END}' (only that block is replaced; appended / created where missing)",
+    )
 
 
 def default_out(targets: list[str]) -> Path:
@@ -618,19 +1142,27 @@ def main(args: argparse.Namespace) -> None:
         raise _error(f"--metric must look like 'test/neg_elbo', got '{args.metric}'")
     agg = aggregate(rows, args.metric, args.by, args.curve_metric)
     if not agg["groups"] and not agg["curves"]:
-        raise _error(f"{len(rows)} run(s) found but none has {args.metric.split('/')[0]} results in eval.json "
-                     f"or {args.curve_metric} in metrics.csv")
+        raise _error(
+            f"{len(rows)} run(s) found but none has {_family_of(args.metric)} results in eval.json "
+            f"or {args.curve_metric} in metrics.csv"
+        )
+    doc = getattr(args, "doc", None)
+    if doc:  # first: a document with broken markers stops the command before anything is written
+        write_doc(Path(doc), format_doc_block(agg, command_line(args), _today()))
     out = Path(args.out) if args.out else default_out(args.targets)
     res = write_outputs(agg, rows, out)
     n_eval = sum(g["n"] for g in agg["groups"])
-    print(f"{len(rows)} run(s), {n_eval} with {args.metric.split('/')[0]} results, "
-          f"{len(agg['groups'])} group(s)")
+    print(f"{len(rows)} run(s), {n_eval} with {_family_of(args.metric)} results, {len(agg['groups'])} group(s)")
     if agg["groups"]:
         print(res["markdown"], end="")
     else:
-        print(f"(no table: no run has {args.metric.split('/')[0]} results in eval.json)")
+        print(f"(no table: no run has {_family_of(args.metric)} results in eval.json)")
     for n in res["notes"]:
         print(n)
-    print(f"wrote {out}/: table.md table.csv summary.json "
-          + " ".join(p.name for p in [*res["curves"], *([res["bars"]] if res["bars"] else [])]))
+    print(
+        f"wrote {out}/: table.md table.csv summary.json "
+        + " ".join(p.name for p in [*res["curves"], *([res["bars"]] if res["bars"] else [])])
+    )
+    if doc:
+        print(f"wrote {doc}: tables between '{DOC_BEGIN}' and '{DOC_END}'")
     sys.stdout.flush()
