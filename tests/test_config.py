@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,8 @@ def test_overrides_are_applied_and_typed() -> None:
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model.lrr=1", "unknown config key 'model.lrr'; valid keys under 'model': code_dim, lr, name"),
+        ("model.lrr=1", "unknown config key 'model.lrr'; valid keys under 'model': code_dim, kl_weights, lr, name, "
+                        "optimizer, weight_decay"),
         ("trainer.max_epoch=3", "valid keys under 'trainer': accelerator"),
         ("seeed=3", "unknown config key 'seeed'; valid keys at top level:"),
         ("model=vaee", "unknown model 'vaee'; valid options: "),
@@ -35,6 +37,16 @@ def test_overrides_are_applied_and_typed() -> None:
         ("data.episodes=iidd", "expected one of [iid, class]"),
         ("data.batch_size=0", "bad value for 'data.batch_size': 0 (must be >= 1)"),
         ("model.lr=-1", "bad value for 'model.lr': -1.0 (must be > 0)"),
+        ("eval.heldout_targets=0", "bad value for 'eval.heldout_targets': 0 (must be in [1, T - 1] = [1, 31]"),
+        ("eval.heldout_targets=32", "bad value for 'eval.heldout_targets': 32 (must be in [1, T - 1] = [1, 31]"),
+        ("checkpoint.protocol=jointt", "bad value for 'checkpoint.protocol': Invalid value 'jointt', expected one of "
+                                       "[joint, memory_conditional, heldout]"),
+        ("model.optimizer=sgd", "bad value for 'model.optimizer': Invalid value 'sgd', expected one of [adam, rmsprop]"),
+        ("model.kl_weights.memory=-0.5", "bad value for 'model.kl_weights.memory': -0.5 (must be >= 0)"),
+        ("model.kl_weights.addressing=-1", "bad value for 'model.kl_weights.addressing': -1.0 (must be >= 0)"),
+        ("model.kl_weights.warmup_steps=-3", "bad value for 'model.kl_weights.warmup_steps': -3 (must be >= 0)"),
+        ("model.kl_weights.memoryy=0", "unknown config key 'model.kl_weights.memoryy'; valid keys under "
+                                       "'model.kl_weights': addressing, memory, warmup_steps, z"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture) -> None:
@@ -64,3 +76,26 @@ def test_yaml_typo_is_caught(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KM_CONFIG_DIR", str(d))
     with pytest.raises(ConfigError, match="code_dimm"):
         compose_config([])
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*_*.yaml"))
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith(("paper_", "cpu_"))])
+def test_paper_and_cpu_experiment_configs_compose_with_their_papers_objectives(name: str) -> None:
+    cfg = compose_config([f"experiment={name}"])
+    assert cfg.name == name
+    model = name.split("_")[1]
+    assert cfg.model.name == model
+    assert cfg.eval.class_episodes and cfg.data.classes_per_episode == 1
+    if model == "kpp" and "fullkl" not in name:  # the K++ authors' objective: memory KL off, RMSprop, clip
+        assert cfg.model.kl_weights.memory == 0 and str(cfg.model.optimizer) == "rmsprop"
+        assert cfg.trainer.gradient_clip_val and str(cfg.checkpoint.protocol) == "memory_conditional"
+    else:
+        assert cfg.model.kl_weights.memory == 1 and str(cfg.checkpoint.protocol) == "joint"
+    if model == "dkm":  # the official code trains on means
+        assert cfg.model.sample is ("sampled" in name)
+    if name.startswith("cpu_"):
+        assert cfg.trainer.num_threads == 1 and cfg.trainer.accelerator == "cpu"
+    else:
+        assert cfg.trainer.accelerator == "gpu"

@@ -52,13 +52,26 @@ def test_vae_loss_falls_on_real_mnist(tmp_path: Path) -> None:
     assert val[2] < 250, val
 
 
-def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path) -> None:
-    args = [a for a in tiny(tmp_path, "run_id=cli", "name=smoke") if a != "logger=csv"] + ["logger=wandb"]
+def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [a for a in tiny(tmp_path, "run_id=cli", "name=smoke", "eval.class_episodes=true",
+                            "data.classes_per_episode=1") if a != "logger=csv"] + ["logger=wandb"]
     p = _km("train", *args)
     assert p.returncode == 0, p.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke" / "cli"
     assert f"run: {run_dir}" in p.stdout
     assert "test/neg_elbo:" in p.stdout and "nats/image" in p.stdout and "test/nll_is4:" in p.stdout
+    for kind in ("test", "test_class"):  # every protocol, on iid and on one-class test episodes
+        for leaf in ("memory_conditional", "heldout", "heldout_nll_is4"):
+            assert f"{kind}/{leaf}:" in p.stdout, (kind, leaf)
+    ev = json.loads((run_dir / "eval.json").read_text())
+    m = ev["metrics"]
+    assert ev["heldout_targets"] == 2 and ev["class_episodes"] and ev["steps"] == 16 and ev["train_seconds"] > 0
+    assert m["test/memory_conditional"] == pytest.approx(m["test/neg_elbo"], rel=1e-6)  # a VAE: no KL(M)
+    assert m["test/heldout"] == pytest.approx(m["test/heldout_recon"] + m["test/heldout_kl"], rel=1e-5)
+    main(["compare", str(run_dir), "--out", str(tmp_path / "cmp"), "--doc", str(tmp_path / "results.md")])
+    doc = (tmp_path / "results.md").read_text()
+    assert "memory-conditional" in doc and "held-out" in doc and f"{m['test/heldout']:.2f}" in doc
+    capsys.readouterr()
     for f in ("config.yaml", "run.json", "metrics.csv", "eval.json", "checkpoints/last.ckpt"):
         assert (run_dir / f).exists(), f
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch_000.png", "epoch_001.png"]

@@ -218,13 +218,20 @@ class EpisodeModel(pl.LightningModule):
         self.log(name, self.report(nats.detach().mean()), batch_size=batch_size, on_step=False, on_epoch=True,
                  sync_dist=True)
 
+    @staticmethod
+    def protocol_values(out: EpisodeOutput) -> dict[str, torch.Tensor]:
+        """(B,) per image, from one joint pass: `joint` (every KL) and `memory_conditional` (each item's
+        reconstruction and its own KLs: the memory, written from the whole episode, is free)."""
+        per_item = out.recon + sum((v for k, v in out.parts.items() if k != "kl_M"), torch.zeros_like(out.recon))
+        return {"joint": out.neg_elbo, "memory_conditional": per_item}
+
     def _log_protocols(self, split: str, x: torch.Tensor, is_samples: int = 0) -> None:
         """The three protocols on one batch of episodes: joint (every item, every KL), memory-conditional
         (the same pass, KL(M) left out) and held-out (memory from the context, the n targets scored)."""
         B, T = x.shape[:2]
         out = self.episode_elbo(x)
         self._log_terms(split, out, B)
-        self._log_value(f"{split}/memory_conditional", out.neg_elbo - out.parts.get("kl_M", 0.0), B)
+        self._log_value(f"{split}/memory_conditional", self.protocol_values(out)["memory_conditional"], B)
         n = self.heldout_n(T)
         if n:
             self._log_terms(split, self.episode_elbo(x, targets=n), B, prefix="heldout")
