@@ -782,6 +782,46 @@ def format_doc_tables(agg: dict[str, Any]) -> list[str]:
     return lines
 
 
+def term_columns(agg: dict[str, Any]) -> list[str]:
+    """The terms of the bounds, for the term-by-term tables: reconstruction and each KL part of the joint
+    bound (iid episodes) and of the held-out bound (each episode kind), in table order."""
+    cols = []
+    for c in agg["columns"]:
+        split, protocol, part = classify(c)
+        wanted = protocol == "heldout" or (protocol == "joint" and not is_class_split(split))
+        if wanted and (part == "recon" or part.startswith("kl_")):
+            cols.append(c)
+    return cols
+
+
+def format_doc_terms(agg: dict[str, Any]) -> list[str]:
+    """Per data set, the bounds term by term (mean over seeds): where each model's nats go."""
+    lines = []
+    for data in sorted({g["data"] for g in agg["groups"]}):
+        gs = [g for g in agg["groups"] if g["data"] == data]
+        cols = [c for c in term_columns(agg) if any(c in g["metrics"] for g in gs)]
+        if not cols:
+            continue
+        unit = gs[0]["unit"] or agg["units"].get(data, DEFAULT_UNIT)
+        dec = _decimals(unit)
+        head = ["model", *agg["by"], *(_doc_header(c, unit) for c in cols)]
+        rows = [
+            [
+                g["label"],
+                *(str(g["by"].get(b)) for b in agg["by"]),
+                *(f"{g['metrics'][c]['mean']:.{dec}f}" if c in g["metrics"] else "" for c in cols),
+            ]
+            for g in gs
+        ]
+        lines += [
+            f"**{data}, term by term** ({unit}, mean over seeds; KL M = KL(M)/T, in the joint bound only)",
+            "",
+            *_md_table(head, rows, len(cols)),
+            "",
+        ]
+    return lines
+
+
 def format_doc_block(agg: dict[str, Any], command: str, date: str) -> str:
     """The marked block --doc writes: command + date, legend, one table per data set, notes."""
     return "\n".join(
@@ -795,6 +835,7 @@ def format_doc_block(agg: dict[str, Any], command: str, date: str) -> str:
             *format_legend(agg),
             "",
             *format_doc_tables(agg),
+            *format_doc_terms(agg),
             *(f"- {n}" for n in _notes(agg)),
             DOC_END,
         ]

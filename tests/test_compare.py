@@ -481,7 +481,8 @@ def test_doc_replaces_only_the_marked_block(tmp_path: Path, monkeypatch: pytest.
     assert block.count("**mnist** (nats/image, sorted by test/neg_elbo)") == 1
     assert block.count("**cifar10** (bits/dim, sorted by test/neg_elbo)") == 1
     tables = [line for line in block.splitlines() if line.startswith("| model |")]
-    assert len(tables) == 2  # one table per data set
+    assert len(tables) == 4  # one table per data set, and one of its terms
+    assert block.count("**mnist, term by term**") == 1 and block.count("**cifar10, term by term**") == 1
     mnist_head = [c.strip() for c in tables[1].strip("|").split("|")]
     assert mnist_head == [
         "model",
