@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from km.evaluate import evaluate
 
     ev = evaluate(args.target, split=args.split, is_samples=args.is_samples, overrides=args.overrides)
-    print(f"wrote {ev['run_dir']}/eval.json")
+    print(f"wrote {ev['file']}")
 
 
 def _test_episodes(args: argparse.Namespace):

@@ -88,7 +88,8 @@ def _test_once(trainer: pl.Trainer, model: pl.LightningModule, dm: pl.LightningD
 def evaluate(target: str | Path, split: str = "test", is_samples: int | None = None,
              overrides: list[str] | None = None, dm: pl.LightningDataModule | None = None,
              accelerator: str = "auto") -> dict[str, Any]:
-    """Test-split metrics of a run's best checkpoint under the three protocols; writes <run_dir>/eval.json.
+    """Metrics of a run's best checkpoint under the three protocols; writes <run_dir>/eval.json for the test
+    split and <run_dir>/eval_val.json for the validation split (so a val evaluation never replaces test results).
 
     With `eval.class_episodes` the test split is scored a second time on class-structured episodes
     (`data.classes_per_episode` classes each, fixed by `data.eval_seed`), reported as `test_class/*`."""
@@ -126,7 +127,8 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         "train_seconds": meta.get("train_seconds"),
         "metrics": metrics, "seconds": round(time.time() - t0, 1),
     }
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    result["file"] = str(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"))
+    atomic_write_text(Path(result["file"]), json.dumps(result, indent=2))
     print_table(result)
     return result
 

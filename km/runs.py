@@ -6,7 +6,7 @@ runs/<name>/<run_id>/
     checkpoints/       last.ckpt + best-*.ckpt
     samples/           PNG grids, one per validation epoch
     metrics.csv        every logged metric (CSVLogger, always on)
-    eval.json          `km eval` results
+    eval.json          test results of every protocol (`km train`, `km eval`); eval_val.json: `km eval --split val`
     wandb/             W&B files (offline runs: `wandb sync runs/<name>/<run_id>/wandb/offline-run-*`)
 """
 

@@ -68,6 +68,9 @@ def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path, capsys: pytest.C
     assert ev["heldout_targets"] == 2 and ev["class_episodes"] and ev["steps"] == 16 and ev["train_seconds"] > 0
     assert m["test/memory_conditional"] == pytest.approx(m["test/neg_elbo"], rel=1e-6)  # a VAE: no KL(M)
     assert m["test/heldout"] == pytest.approx(m["test/heldout_recon"] + m["test/heldout_kl"], rel=1e-5)
+    main(["eval", str(run_dir), "--split", "val", "--is-samples", "0"])  # kept apart from the test results
+    assert json.loads((run_dir / "eval_val.json").read_text())["split"] == "val"
+    assert json.loads((run_dir / "eval.json").read_text()) == ev
     main(["compare", str(run_dir), "--out", str(tmp_path / "cmp"), "--doc", str(tmp_path / "results.md")])
     doc = (tmp_path / "results.md").read_text()
     assert "memory-conditional" in doc and "held-out" in doc and f"{m['test/heldout']:.2f}" in doc
