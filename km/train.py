@@ -290,12 +290,19 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trai
 
     t = cfg.trainer
     grid = SampleGrid(run_dir / "samples")
+    ckpt_dir = str(run_dir / "checkpoints")
     callbacks: list[pl.Callback] = [
+        # the best epochs by the protocol's validation quantity (checkpoint.protocol / monitor)
         ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-            monitor=OmegaConf.to_object(cfg.checkpoint).monitored(), mode="min", save_top_k=cfg.checkpoint.save_top_k, save_last=True,
-            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=OmegaConf.to_object(cfg.checkpoint).monitored(), mode="min", save_top_k=cfg.checkpoint.save_top_k,
+            every_n_epochs=cfg.checkpoint.every_n_epochs, save_last=False,
         ),
+        # last.ckpt: the true last state at every epoch end, whatever validation does (save_last=True on the
+        # callback above writes it only when a top-k file is written, so a plateaued run's last.ckpt would stay
+        # at its best epoch); no version counter, so a copied or moved run overwrites its own last.ckpt
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                        enable_version_counter=False),
         EpochSeed(cfg.seed),
         grid,
     ]

@@ -210,3 +210,17 @@ def test_vae_trains_on_plain_batches_when_memory_models_get_class_episodes(tmp_p
                                          "eval.is_samples=0")))["run_dir"])
     assert "trains on iid batches" in capsys.readouterr().err
     assert "episodes: iid" in (run / "config.yaml").read_text()
+
+
+def test_last_checkpoint_is_the_last_epoch_when_validation_stops_improving(tmp_path: Path) -> None:
+    """The best checkpoint follows the monitored value; last.ckpt is the last epoch whatever it does. Monitoring
+    val/kl, which rises from ~0 as the VAE starts to use its code, makes the first epoch the best one."""
+    cfg = compose_config(tiny(tmp_path, "trainer.max_epochs=3", "checkpoint.monitor=val/kl", "test_after_fit=false",
+                              "run_id=plateau"))
+    run_dir = Path(train(cfg)["run_dir"])
+    kl = epoch_metrics(run_dir, "val/kl")
+    best_epoch = min(kl, key=kl.get)
+    assert best_epoch < 2, kl  # validation "worsened" after the best epoch
+    files = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert files == [f"best-epoch{best_epoch:03d}.ckpt", "last.ckpt"], files
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
