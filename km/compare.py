@@ -8,7 +8,7 @@ TARGETs are run directories (a directory holding config.yaml), sweep directories
 the `run_dir` of each entry in its `runs` is used; without any, the directory is searched), parent
 directories (searched for */config.yaml, skipping wandb/, checkpoints/, samples/) or globs ('runs/cmp/*').
 
-Runs are grouped by (data set, model, episode length[, --by config keys]); the seeds of a group are
+Runs are grouped by (data set, model, episode length, named experiment config[, --by config keys]); the seeds of a group are
 pooled. Test numbers come from each run's eval.json (written by `km train` / `km eval`); runs without
 one (or whose eval.json is for another split) are counted and left out of the table but their
 metrics.csv still feeds the learning curves. Failed runs (run.json status 'failed') are left out of
@@ -31,8 +31,9 @@ memory-conditional (class) | other. Written into --out (default runs/compare/<ti
 <sweep dir>/compare for one sweep dir):
 
     table.md / table.csv   one row per group: mean ± std over seeds per test metric, n, unit, episode
-                           length T, IS sample count, steps and train seconds (means over seeds of
-                           eval.json `steps` / `train_seconds`, where known); sorted by data set, then
+                           length T, IS sample count, steps trained (from metrics.csv), the step of the
+                           evaluated checkpoint (ckpt step) and train seconds (eval.json), means over
+                           seeds where known; sorted by data set, then
                            the mean of --metric. table.md opens with one line per column group naming
                            its protocol and shows the main columns (joint: neg_elbo, nll_is*, recon, kl;
                            memory_conditional; heldout: heldout, heldout_nll_is*; the same for
@@ -234,6 +235,34 @@ def read_curves(metrics_csv: Path, prefix: str = "val/") -> dict[str, list[list[
     return {k: [[e, d[e]] for e in sorted(d)] for k, d in per.items()}
 
 
+def steps_by_epoch(metrics_csv: Path) -> dict[int, int]:
+    """{epoch: optimiser steps done at its end} from metrics.csv (Lightning logs an epoch's metrics at
+    global step - 1, so the step count is the epoch's largest logged `step` + 1)."""
+    last: dict[int, int] = {}
+    try:
+        with open(metrics_csv, newline="") as f:
+            for rec in csv.DictReader(f):
+                ep, st = _finite(rec.get("epoch")), _finite(rec.get("step"))
+                if ep is not None and st is not None:
+                    last[int(ep)] = max(last.get(int(ep), -1), int(st) + 1)
+    except (OSError, csv.Error):
+        return {}
+    return last
+
+
+def _budget(run_dir: Path, ev: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """(steps trained, step of the evaluated checkpoint): metrics.csv is the record of training; eval.json's
+    `steps` / `checkpoint_step` (or its checkpoint `epoch`) where metrics.csv says nothing."""
+    ev = ev or {}
+    by_epoch = steps_by_epoch(run_dir / "metrics.csv")
+    trained = max(by_epoch.values()) if by_epoch else _finite(ev.get("steps"))
+    ckpt = _finite(ev.get("checkpoint_step"))
+    epoch = _count(ev.get("epoch"))
+    if ckpt is None and epoch is not None and epoch in by_epoch:
+        ckpt = by_epoch[epoch]
+    return (None if trained is None else float(trained)), ckpt
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """One row: identity from config.yaml (+ run.json), test numbers from eval.json, val curves
     from metrics.csv."""
@@ -266,7 +295,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "episodes": (ev or {}).get("episodes"),
         "heldout_targets": _count((ev or {}).get("heldout_targets")),
         "class_episodes": (ev or {}).get("class_episodes"),
-        "steps": _finite((ev or {}).get("steps")),
+        "experiment": (meta.get("choices") or {}).get("experiment"),
+        "steps": _budget(run_dir, ev)[0],
+        "checkpoint_step": _budget(run_dir, ev)[1],
         "train_seconds": _finite((ev or {}).get("train_seconds")),
         "metrics": metrics,
         "curves": read_curves(run_dir / "metrics.csv"),
@@ -486,12 +517,20 @@ def _mean_of(rs: list[dict[str, Any]], key: str) -> float | None:
 
 
 def _group_key(row: dict[str, Any], by: tuple[str, ...]) -> tuple:
+    """(data, model, T, experiment, *by values): runs of one named experiment config (e.g. cpu_dkm_mnist and
+    cpu_dkm_sampled_mnist) are never pooled with another's, even where --by does not tell them apart."""
     return (
         str(row["data"]),
         str(row["model"]),
         row["episode_length"],
+        row.get("experiment") or "",
         *(json.dumps(_get(row["config"], k), sort_keys=True, default=str) for k in by),
     )
+
+
+def _experiment_label(experiment: str, data: str) -> str:
+    """'cpu_dkm_sampled_mnist' -> 'cpu_dkm_sampled' (the data set is the table's)."""
+    return experiment[: -len(data) - 1] if experiment.endswith(f"_{data}") else experiment
 
 
 def _labels(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, str]:
@@ -503,10 +542,10 @@ def _labels(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, str]
         lengths.setdefault(k[:2], set()).add(k[2])
     out = {}
     for k in keys:
-        parts = [k[1]]
+        parts = [_experiment_label(k[3], k[0]) if k[3] else k[1]]
         if len(lengths[k[:2]]) > 1:
             parts.append(f"T={k[2]}")
-        parts += [f"{b.split('.')[-1]}={json.loads(v)}" for b, v in zip(by, k[3:], strict=True)]
+        parts += [f"{b.split('.')[-1]}={json.loads(v)}" for b, v in zip(by, k[4:], strict=True)]
         out[k] = parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
     return out
 
@@ -527,6 +566,7 @@ def _make_group(
         "n": len(rs),
         "seeds": sorted((r["seed"] for r in rs), key=str),
         "steps": _mean_of(rs, "steps"),
+        "checkpoint_step": _mean_of(rs, "checkpoint_step"),
         "train_seconds": _mean_of(rs, "train_seconds"),
         "steps_values": sorted({int(r["steps"]) for r in rs if r.get("steps") is not None}),
         "heldout_targets": sorted({r["heldout_targets"] for r in rs if r.get("heldout_targets") is not None}),
@@ -666,12 +706,13 @@ def _table_columns(agg: dict[str, Any]) -> list[str]:
 
 def _info_columns(groups: list[dict[str, Any]]) -> list[str]:
     """'steps' / 'train s' where any group knows them."""
-    return [h for h, k in (("steps", "steps"), ("train s", "train_seconds")) if any(g[k] is not None for g in groups)]
+    heads = (("steps", "steps"), ("ckpt step", "checkpoint_step"), ("train s", "train_seconds"))
+    return [h for h, k in heads if any(g[k] is not None for g in groups)]
 
 
 def _fmt_info(g: dict[str, Any], head: str) -> str:
-    if head == "steps":
-        v = g["steps"]
+    if head in ("steps", "ckpt step"):
+        v = g["steps" if head == "steps" else "checkpoint_step"]
         return "" if v is None else f"{v:.0f}" if v == round(v) else f"{v:.1f}"
     v = g["train_seconds"]
     return "" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"

@@ -123,7 +123,8 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         "is_samples": model.is_samples, "eval_seed": cfg.data.eval_seed,
         "heldout_targets": model.heldout_n(T), "class_episodes": "test_class" in kinds,
         "protocol": str(cfg.checkpoint.protocol), "kl_weights": to_dict(cfg.model.kl_weights),
-        "steps": int(state.get("global_step", 0)), "epoch": int(state.get("epoch", -1)),
+        "steps": meta.get("steps"), "checkpoint_step": int(state.get("global_step", 0)),
+        "epoch": int(state.get("epoch", -1)),
         "train_seconds": meta.get("train_seconds"),
         "metrics": metrics, "seconds": round(time.time() - t0, 1),
     }

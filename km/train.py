@@ -262,7 +262,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         raise
     if rank_zero:  # wall time of training, summed over resumes (a killed attempt's time is not counted)
         spent = float(read_meta(run_dir).get("train_seconds") or 0.0)
-        write_meta(run_dir, train_seconds=round(spent + time.time() - t_fit, 1))
+        write_meta(run_dir, train_seconds=round(spent + time.time() - t_fit, 1), steps=trainer.global_step)
     if not trainer.is_global_zero:  # a DDP worker: rank 0 evaluates and reports
         return {"run_dir": str(run_dir), "rank": trainer.global_rank}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}

@@ -559,3 +559,24 @@ def test_metric_names_classify_and_bar_labels() -> None:
     )
     assert "not a bound" in bar_label("test/memory_conditional")
     assert "NLL" in bar_label("test/nll_is20") and "NLL" not in bar_label("test/heldout")
+
+
+def test_runs_of_different_experiment_configs_are_not_pooled_and_budgets_come_from_metrics_csv(
+    tmp_path: Path,
+) -> None:
+    """Two named experiment configs of one model (DKM on means and sampled) stay two rows labelled by their
+    config; the budget is the steps trained (metrics.csv), the checkpoint step is the evaluated epoch's."""
+    root = tmp_path / "runs"
+    for exp, value, seed in (("cpu_dkm_mnist", 240.0, 1), ("cpu_dkm_sampled_mnist", 170.0, 2)):
+        d = write_run(
+            root, "dkm", "mnist", seed, value, curve=[value] * 4, epoch=0 if "sampled" not in exp else 3, steps=10
+        )
+        meta = json.loads((d / "run.json").read_text())
+        (d / "run.json").write_text(json.dumps({**meta, "choices": {"experiment": exp}}))
+    agg = aggregate(collect([root]))
+    rows = {g["label"]: g for g in agg["groups"]}
+    assert sorted(rows) == ["cpu_dkm", "cpu_dkm_sampled"]
+    assert rows["cpu_dkm"]["n"] == rows["cpu_dkm_sampled"]["n"] == 1
+    assert rows["cpu_dkm"]["steps"] == rows["cpu_dkm_sampled"]["steps"] == 40  # 4 epochs of metrics.csv, not eval.json
+    assert rows["cpu_dkm"]["checkpoint_step"] == 10 and rows["cpu_dkm_sampled"]["checkpoint_step"] == 40
+    assert rows["cpu_dkm_sampled"]["best"] and not rows["cpu_dkm"]["best"]  # same budget: best is marked
