@@ -793,13 +793,24 @@ def _doc_header(name: str, unit: str) -> str:
     return " ".join(x for x in (f"{SHORT_NAMES[protocol]}{kind}", what, f"[{unit}]") if x)
 
 
+def _doc_columns(agg: dict[str, Any]) -> list[str]:
+    """table.md's main columns less the joint and memory-conditional numbers of one-class episodes (the
+    held-out one is what those episodes are for; the rest stay in table.csv), so a page table stays readable."""
+    keep = []
+    for c in _table_columns(agg):
+        split, protocol, _ = classify(c)
+        if c == agg["metric"] or not is_class_split(split) or protocol == "heldout":
+            keep.append(c)
+    return keep
+
+
 def format_doc_tables(agg: dict[str, Any]) -> list[str]:
     """One markdown table per data set: rows = groups, columns = the main metrics by protocol group."""
     lines = []
     for data in sorted({g["data"] for g in agg["groups"]}):
         gs = [g for g in agg["groups"] if g["data"] == data]
         unit = gs[0]["unit"] or agg["units"].get(data, DEFAULT_UNIT)
-        cols = [c for c in _table_columns(agg) if any(c in g["metrics"] for g in gs)]
+        cols = [c for c in _doc_columns(agg) if any(c in g["metrics"] for g in gs)]
         info = _info_columns(gs)
         head = ["model", *agg["by"], "n", "T", "IS", *info, *(_doc_header(c, unit) for c in cols)]
         rows = [
