@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from km.callbacks import seed_all
 from km.config import apply_overrides, to_dict, typed
-from km.runs import RunError, atomic_write_text, locate, read_meta
+from km.runs import RunError, atomic_write_text, load_checkpoint, locate, read_meta
 
 
 def load_run(target: str | Path, overrides: list[str] | None = None, map_location: str = "cpu",
@@ -25,10 +25,7 @@ def load_run(target: str | Path, overrides: list[str] | None = None, map_locatio
     from km.train import build_datamodule, build_model
 
     run_dir, ckpt = locate(target)
-    try:
-        state = torch.load(ckpt, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise RunError(f"cannot read checkpoint {ckpt}: {type(e).__name__}: {str(e)[:150]}") from None
+    state = load_checkpoint(ckpt, map_location)
     saved = state.get("km_config")
     if saved is None:
         if not (run_dir / "config.yaml").exists():
@@ -113,7 +110,7 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         metrics |= {k.replace("test/", "test_class/", 1): v for k, v in class_metrics.items()}
         kinds["test_class"] = {"episodes": n, "eval_episodes": "class",
                                "classes_per_episode": cfg.data.classes_per_episode}
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     meta = read_meta(run_dir)
     T = cfg.data.episode_length
     result = {

@@ -32,6 +32,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents: tensors and plain data only (`torch.load(weights_only=True)`), so a file whose
+    unpickling would run code is refused before anything in it runs. Every reader of checkpoints uses this."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise RunError(f"refusing checkpoint {path}: it holds objects other than tensors and plain data, which "
+                       f"could run code when loaded ({first})") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
+        raise RunError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).strip()[:150]}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise RunError(f"{path} is not a kanerva-lab checkpoint (no state_dict)")
+    return state
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 

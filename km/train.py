@@ -26,6 +26,7 @@ from km.runs import (
     RunError,
     atomic_write_text,
     last_checkpoint,
+    load_checkpoint,
     locate,
     new_run_id,
     read_meta,
@@ -83,10 +84,10 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
     Everything else (memory, addressing, ...) keeps its fresh initialisation. Returns (checkpoint, summary line)."""
     _, ckpt = locate(source)
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        weights = state["state_dict"]
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise RunError(f"init_from={source}: cannot read {ckpt} ({type(e).__name__}); is it a km checkpoint?") from None
+        state = load_checkpoint(ckpt)
+    except RunError as e:
+        raise RunError(f"init_from={source}: {e}") from None
+    weights = state["state_dict"]
     src_cfg = state.get("km_config") or {}  # the source run's resolved config
     src_model = (src_cfg.get("model") or {}).get("name")
     src_head = MODELS[src_model][0].z_head if src_model in MODELS else None
@@ -243,7 +244,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         if rank_zero:
             write_meta(run_dir, init_from=str(source))
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)
         start_epoch = int(state.get("epoch", -1)) + 1
         if rank_zero:
             truncate_metrics(run_dir, start_epoch - 1)
@@ -252,7 +253,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     trainer, grid = make_trainer(cfg, run_dir, wandb_id)
     t_fit = time.time()
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     except BaseException as e:
         if rank_zero:
             last = last_checkpoint(run_dir)

@@ -224,3 +224,33 @@ def test_last_checkpoint_is_the_last_epoch_when_validation_stops_improving(tmp_p
     files = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert files == [f"best-epoch{best_epoch:03d}.ckpt", "last.ckpt"], files
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "payload-ran"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "km_config": {"model": {"name": "vae"}}, "x": _Payload(str(marker))}, hostile)
+    for argv in (["eval", str(hostile)], ["sample", str(hostile)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: refusing checkpoint") and "\n" not in err, err
+    from km.runs import RunError, load_checkpoint
+
+    with pytest.raises(RunError, match="refusing checkpoint"):
+        load_checkpoint(hostile)
+    cfg = compose_config(tiny(tmp_path, f"init_from={hostile}"))
+    with pytest.raises(RunError, match="init_from=.*refusing checkpoint"):
+        train(cfg)
+    assert not marker.exists()  # nothing in the file ran
