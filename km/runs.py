@@ -52,6 +52,58 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     return state
 
 
+class RunLock:
+    """The exclusive lock a trainer holds on its run directory for its whole life: `fcntl.flock` on
+    `<run_dir>/.lock`. The OS drops it when the process ends, however it ends (SIGKILL included), so a dead
+    trainer never leaves a run locked; a live one (e.g. the orphan of a killed sweep agent) keeps it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._f: Any = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise RunError(f"{self.path.parent} is being trained by another process (pid {holder}); wait for it to "
+                           "end or stop it, then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the file releases the flock
+            self._f = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as written) of the process holding `run_dir`'s lock, or None when no process holds it."""
+    if not (Path(run_dir) / ".lock").exists():
+        return None
+    try:
+        with RunLock(run_dir):
+            return None
+    except RunError:
+        return (Path(run_dir) / ".lock").read_text().strip() or "?"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 

@@ -476,6 +476,9 @@ def execute(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], extra: l
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in rec["config"].items())
     again = f" (attempt {rec['attempts']}, resume=auto)" if rec.get("attempts", 1) > 1 else ""
     print(f"[sweep] {rec['name']} start{again}: {shown}  (log: {logs}/{rec['name']}.out/.err)", flush=True)
+    if wait_for_trainer(run_dir, rec["name"]) and _finished(run_dir):  # the orphan finished the run itself
+        return _record_outcome(sweep_dir, spec, rec, run_dir, 0, err_p, err_offset, stopped=False,
+                               note="finished by the trainer of an earlier agent")
     hist_key = _history_key(spec)
     stopped = False
     with open(out_p, "ab") as out, open(err_p, "ab") as err:
@@ -502,7 +505,35 @@ def execute(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], extra: l
         except BaseException:
             _stop(proc, grace=10.0)  # agent interrupted: leave the run `running` so a restart resumes it
             raise
-    code = proc.returncode
+    return _record_outcome(sweep_dir, spec, rec, run_dir, proc.returncode, err_p, err_offset, stopped)
+
+
+def wait_for_trainer(run_dir: Path, name: str, poll: float = 2.0) -> bool:
+    """Block while another process holds `run_dir`'s lock (the trainer of an agent that was killed: it runs in
+    its own session and outlives its agent). Returns True if it had to wait."""
+    from km.runs import lock_holder
+
+    holder = lock_holder(run_dir)
+    if holder is None:
+        return False
+    print(f"[sweep] {name}: waiting for the trainer still running it (pid {holder}, left by an earlier agent)",
+          flush=True)
+    while lock_holder(run_dir) is not None:
+        time.sleep(poll)
+    return True
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("status") == "finished" and (run_dir / "eval.json").exists()
+
+
+def _record_outcome(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], run_dir: Path, code: int,
+                    err_p: Path, err_offset: int, stopped: bool, note: str | None = None) -> dict[str, Any]:
+    hist_key = _history_key(spec)
     history = read_history(run_dir, hist_key)
     metric = read_metric(run_dir, spec)
     if stopped:
@@ -518,7 +549,8 @@ def execute(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], extra: l
     update_run(sweep_dir, rec["name"], **fields)
     mname = _metric_of(spec)[0] or "metric"
     tail = f"{mname} {metric:.4f}" if metric is not None else ""
-    print(f"[sweep] {rec['name']} {status} (exit {code}) {tail}" + (f" error: {error}" if error else ""), flush=True)
+    print(f"[sweep] {rec['name']} {status} (exit {code}) {tail}" + (f" error: {error}" if error else "")
+          + (f" ({note})" if note else ""), flush=True)
     return {**rec, **fields}
 
 

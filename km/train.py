@@ -24,6 +24,7 @@ from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
 from km.models import MODELS, EpisodeModel
 from km.runs import (
     RunError,
+    RunLock,
     atomic_write_text,
     last_checkpoint,
     load_checkpoint,
@@ -215,9 +216,19 @@ def is_rank_zero() -> bool:
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict."""
+    """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict.
+
+    The launching process holds the run directory's lock (`RunLock`) from before it writes anything there
+    until it returns: a second trainer on the same run is refused in one line (exit 2)."""
     quiet_lightning()
     cfg, run_dir, ckpt = prepare_run(cfg, overrides)
+    if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
+        return _train(cfg, overrides, run_dir, ckpt)
+    with RunLock(run_dir):
+        return _train(cfg, overrides, run_dir, ckpt)
+
+
+def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     plain_batches_for_memoryless(cfg)
     rank_zero = is_rank_zero()
     if rank_zero:

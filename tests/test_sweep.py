@@ -157,3 +157,28 @@ def test_online_without_credentials_is_one_line_error(tmp_path: Path, monkeypatc
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:") and "--local" in err
+
+
+def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tmp_path: Path) -> None:
+    """The lock is held exactly while its process lives (SIGKILL releases it), and a restarted agent waits for
+    the trainer a killed agent left running instead of starting a second one on the same run."""
+    from km.runs import lock_holder
+    from km.sweep import wait_for_trainer
+
+    run_dir = tmp_path / "run"
+    hold = ("import sys, time; from km.runs import RunLock; l = RunLock(sys.argv[1]).acquire(); print('held', flush=True);"
+            " time.sleep(float(sys.argv[2]))")
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run_dir), "60"], stdout=subprocess.PIPE, text=True, cwd=root)
+    assert p.stdout.readline().strip() == "held"
+    assert lock_holder(run_dir) == str(p.pid)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert lock_holder(run_dir) is None  # a killed trainer never leaves its run locked
+    assert wait_for_trainer(run_dir, "r001") is False
+
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run_dir), "1.5"], stdout=subprocess.PIPE, text=True, cwd=root)
+    assert p.stdout.readline().strip() == "held"
+    t0 = time.time()
+    assert wait_for_trainer(run_dir, "r001", poll=0.1) is True
+    assert time.time() - t0 > 0.5 and p.wait(timeout=10) == 0 and lock_holder(run_dir) is None

@@ -254,3 +254,18 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path: Path
     with pytest.raises(RunError, match="init_from=.*refusing checkpoint"):
         train(cfg)
     assert not marker.exists()  # nothing in the file ran
+
+
+def test_a_second_trainer_on_a_running_run_is_refused_before_it_writes(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from km.runs import RunLock
+
+    run_dir = tmp_path / "runs" / "dup" / "same"
+    with RunLock(run_dir):  # a live trainer holds the run
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *tiny(tmp_path, "name=dup", "run_id=same")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run_dir} is being trained by another process (pid {os.getpid()}); wait for it to end "
+                   "or stop it, then resume")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the run was written
