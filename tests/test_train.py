@@ -269,3 +269,18 @@ def test_a_second_trainer_on_a_running_run_is_refused_before_it_writes(tmp_path:
     assert err == (f"error: {run_dir} is being trained by another process (pid {os.getpid()}); wait for it to end "
                    "or stop it, then resume")
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the run was written
+
+
+def test_a_copied_run_resumes_from_its_true_last_epoch(tmp_path: Path) -> None:
+    import shutil
+
+    first = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=2", "test_after_fit=false",
+                                           "run_id=orig")))["run_dir"])
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(first, copy)
+    ov = [f"resume={copy}", "trainer.max_epochs=3", "test_after_fit=false"]
+    assert Path(train(compose_config(tiny(tmp_path, *ov)), ov)["run_dir"]) == copy
+    assert sorted(p.name for p in (copy / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]  # no last-v1.ckpt
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert sorted(epoch_metrics(copy, "val/neg_elbo")) == [0, 1, 2]
+    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the original untouched
