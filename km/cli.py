@@ -51,8 +51,23 @@ def cmd_train(args: argparse.Namespace) -> None:
                     print(f"{kind}/{leaf}: {m[f'{kind}/{leaf}']:.3f} {ev['unit']}")
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """One-line errors for out-of-range command options (before any model or data is loaded)."""
+    checks = {"is_samples": (0, "importance samples"), "episodes": (1, "test episodes"), "iters": (1, "iterations")}
+    for key, (low, what) in checks.items():
+        v = getattr(args, key, None)
+        if v is not None and v < low:
+            opt = "--" + key.replace("_", "-")
+            _fail(f"{opt} {v}: the number of {what} must be >= {low}")
+    noise = getattr(args, "noise", None)
+    if noise is not None and not 0 <= noise <= 1:
+        _fail(f"--noise {noise}: a pixel flip probability (binary data) or noise std must be in [0, 1]")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from km.evaluate import evaluate
+
+    _check_counts(args)
 
     ev = evaluate(args.target, split=args.split, is_samples=args.is_samples, overrides=args.overrides)
     print(f"wrote {ev['file']}")
@@ -60,6 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _test_episodes(args: argparse.Namespace):
     from km.evaluate import load_run
+
+    _check_counts(args)
 
     cfg, run_dir, ckpt, dm, model = load_run(args.target, args.overrides)
     dm.setup("test")

@@ -99,3 +99,19 @@ def test_paper_and_cpu_experiment_configs_compose_with_their_papers_objectives(n
         assert cfg.trainer.num_threads == 1 and cfg.trainer.accelerator == "cpu"
     else:
         assert cfg.trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "RUN", "--is-samples", "-1"], "error: --is-samples -1: the number of importance samples must be >= 0"),
+    (["sample", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
+    (["denoise", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
+    (["denoise", "RUN", "--iters", "-1"], "error: --iters -1: the number of iterations must be >= 1"),
+    (["sample", "RUN", "--iters", "0"], "error: --iters 0: the number of iterations must be >= 1"),
+    (["denoise", "RUN", "--noise", "5"], "error: --noise 5.0: a pixel flip probability (binary data) or noise std "
+                                         "must be in [0, 1]"),
+])
+def test_bad_command_options_are_one_line_exit_2(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)  # checked before the (nonexistent) run is looked at
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == expected
