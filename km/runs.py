@@ -125,8 +125,22 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
-    return best[-1] if best else last_checkpoint(run_dir)
+    """The best checkpoint by the run's monitored quantity, as its checkpoint callback recorded it (in the
+    state saved with last.ckpt), so with checkpoint.save_top_k > 1 it is the best score, not the newest file.
+    Falls back to the newest best-*.ckpt, then last.ckpt."""
+    last = last_checkpoint(run_dir)
+    if last is not None:
+        try:
+            callbacks = load_checkpoint(last).get("callbacks") or {}
+        except RunError:
+            callbacks = {}
+        for key, cb in callbacks.items():  # the monitored ModelCheckpoint (the last.ckpt one monitors nothing)
+            if key.startswith("ModelCheckpoint") and "'monitor': None" not in key and cb.get("best_model_path"):
+                best = run_dir / "checkpoints" / Path(cb["best_model_path"]).name  # the run may have been moved
+                if best.exists():
+                    return best
+    best_files = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    return best_files[-1] if best_files else last
 
 
 def locate(target: str | Path) -> tuple[Path, Path]:
