@@ -88,11 +88,13 @@ def test_paper_and_cpu_experiment_configs_compose_with_their_papers_objectives(n
     model = name.split("_")[1]
     assert cfg.model.name == model
     assert cfg.eval.class_episodes and cfg.data.classes_per_episode == 1
-    if model == "kpp" and "fullkl" not in name:  # the K++ authors' objective: memory KL off, RMSprop, clip
+    if model == "kpp" and "fullkl" not in name and "adam" not in name:  # the authors': memory KL off, RMSprop, clip
         assert cfg.model.kl_weights.memory == 0 and str(cfg.model.optimizer) == "rmsprop"
         assert cfg.trainer.gradient_clip_val and str(cfg.checkpoint.protocol) == "memory_conditional"
     else:
         assert cfg.model.kl_weights.memory == 1 and str(cfg.checkpoint.protocol) == "joint"
+    if "adam" in name:  # K++ on the optimiser of every other cpu_* config
+        assert str(cfg.model.optimizer) == "adam" and cfg.trainer.gradient_clip_val is None
     if model == "dkm":  # the official code trains on means
         assert cfg.model.sample is ("sampled" in name)
     if name.startswith("cpu_"):
