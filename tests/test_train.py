@@ -117,8 +117,8 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
     real = VAE.episode_elbo
 
-    def poisoned(self, x):
-        out = real(self, x)
+    def poisoned(self, x, *args, **kwargs):
+        out = real(self, x, *args, **kwargs)
         if self.training and self.global_step >= 10:  # second epoch
             out.loss = out.loss * float("nan")
         return out
