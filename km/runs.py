@@ -185,14 +185,16 @@ def resolve_resume(resume: str, runs_dir: Path, name: str, run_id: str | None) -
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
-    """Drop metrics.csv rows logged after the checkpoint we resume from (epoch > last_epoch)."""
+    """Drop metrics.csv rows logged after the checkpoint we resume from (epoch > last_epoch), and the test rows
+    of an earlier finished attempt (the continued run is evaluated again when it ends)."""
     path = run_dir / "metrics.csv"
     if not path.exists():
         return
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
-    keep = [r for r in rows if not r.get("epoch") or int(float(r["epoch"])) <= last_epoch]
+    keep = [r for r in rows if (not r.get("epoch") or int(float(r["epoch"])) <= last_epoch)
+            and not any(k.startswith("test") and v not in (None, "") for k, v in r.items() if k)]
     tmp = path.with_name(".metrics.csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=header)

@@ -279,13 +279,25 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
         return {"run_dir": str(run_dir), "rank": trainer.global_rank}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}
     summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    _finish_wandb(trainer)
     if cfg.test_after_fit and trainer.is_global_zero:
         from km.evaluate import evaluate
 
         summary["eval"] = evaluate(run_dir, split=str(cfg.eval.split), is_samples=cfg.eval.is_samples, dm=dm)
+        _log_test_metrics(trainer, summary["eval"]["metrics"])
+    _finish_wandb(trainer)
     write_meta(run_dir, status="finished", error=None)
     return summary
+
+
+def _log_test_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """The test numbers of every protocol (eval.json) also go to the run's loggers (metrics.csv, W&B) at the
+    last training step, so a W&B project has them too. Logging never stops a finished run."""
+    for lg in trainer.loggers:
+        try:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            lg.save()
+        except Exception as e:  # noqa: BLE001
+            print(f"could not log test metrics to {type(lg).__name__}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _finish_wandb(trainer: pl.Trainer, failed: bool = False) -> None:

@@ -16,7 +16,7 @@ from km.callbacks import AtomicCheckpointIO
 from km.cli import main
 from km.config import compose_config
 from km.models import VAE, NonFiniteLossError
-from km.runs import epoch_metrics, read_meta
+from km.runs import epoch_metrics, read_meta, read_metrics
 from km.train import train
 from tests.conftest import DATA_DIR, needs_data, tiny
 
@@ -68,6 +68,8 @@ def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path, capsys: pytest.C
     assert ev["heldout_targets"] == 2 and ev["class_episodes"] and ev["steps"] == 16 and ev["train_seconds"] > 0
     assert m["test/memory_conditional"] == pytest.approx(m["test/neg_elbo"], rel=1e-6)  # a VAE: no KL(M)
     assert m["test/heldout"] == pytest.approx(m["test/heldout_recon"] + m["test/heldout_kl"], rel=1e-5)
+    logged = [r for r in read_metrics(run_dir) if r.get("test_class/heldout")]  # the loggers have them too
+    assert len(logged) == 1 and float(logged[0]["test_class/heldout"]) == pytest.approx(m["test_class/heldout"])
     main(["eval", str(run_dir), "--split", "val", "--is-samples", "0"])  # kept apart from the test results
     assert json.loads((run_dir / "eval_val.json").read_text())["split"] == "val"
     assert json.loads((run_dir / "eval.json").read_text()) == ev
