@@ -775,7 +775,7 @@ def format_markdown(agg: dict[str, Any]) -> str:
 def _best_line(agg: dict[str, Any]) -> str:
     return (
         f"Bold = best: the lowest {agg['metric']} ({describe(agg['metric'])}) per data set, marked only where "
-        "the groups compared trained for the same number of steps (as far as eval.json records them)."
+        "the groups compared trained for the same number of steps (steps trained, from metrics.csv or eval.json)."
     )
 
 
