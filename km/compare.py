@@ -804,13 +804,18 @@ def _doc_columns(agg: dict[str, Any]) -> list[str]:
     return keep
 
 
-def format_doc_tables(agg: dict[str, Any]) -> list[str]:
-    """One markdown table per data set: rows = groups, columns = the main metrics by protocol group."""
-    lines = []
+def _per_data_set(agg: dict[str, Any], columns: list[str]):
+    """(data set, its groups, its unit, the `columns` any of its groups has), per data set in order."""
     for data in sorted({g["data"] for g in agg["groups"]}):
         gs = [g for g in agg["groups"] if g["data"] == data]
         unit = gs[0]["unit"] or agg["units"].get(data, DEFAULT_UNIT)
-        cols = [c for c in _doc_columns(agg) if any(c in g["metrics"] for g in gs)]
+        yield data, gs, unit, [c for c in columns if any(c in g["metrics"] for g in gs)]
+
+
+def format_doc_tables(agg: dict[str, Any]) -> list[str]:
+    """One markdown table per data set: rows = groups, columns = the main metrics by protocol group."""
+    lines = []
+    for data, gs, unit, cols in _per_data_set(agg, _doc_columns(agg)):
         info = _info_columns(gs)
         head = ["model", *agg["by"], "n", "T", "IS", *info, *(_doc_header(c, unit) for c in cols)]
         rows = [
@@ -849,12 +854,9 @@ def term_columns(agg: dict[str, Any]) -> list[str]:
 def format_doc_terms(agg: dict[str, Any]) -> list[str]:
     """Per data set, the bounds term by term (mean over seeds): where each model's nats go."""
     lines = []
-    for data in sorted({g["data"] for g in agg["groups"]}):
-        gs = [g for g in agg["groups"] if g["data"] == data]
-        cols = [c for c in term_columns(agg) if any(c in g["metrics"] for g in gs)]
+    for data, gs, unit, cols in _per_data_set(agg, term_columns(agg)):
         if not cols:
             continue
-        unit = gs[0]["unit"] or agg["units"].get(data, DEFAULT_UNIT)
         dec = _decimals(unit)
         head = ["model", *agg["by"], *(_doc_header(c, unit) for c in cols)]
         rows = [
