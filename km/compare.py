@@ -985,9 +985,11 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
 
     paths = []
     key = agg["curve_metric"]
-    palette = {
-        lab: f"C{i % 10}" for i, lab in enumerate(sorted({c["label"] for ls in agg["curves"].values() for c in ls}))
-    }
+    from matplotlib import colormaps
+
+    labels = sorted({c["label"] for ls in agg["curves"].values() for c in ls})
+    many = colormaps["tab20"]  # 20 distinct colours where the default cycle's 10 would repeat
+    palette = {lab: f"C{i}" if len(labels) <= 10 else many(i % 20) for i, lab in enumerate(labels)}
     for data, lines in sorted(agg["curves"].items()):
         fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
         ax = fig.add_subplot()
