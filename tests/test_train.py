@@ -290,3 +290,30 @@ def test_a_copied_run_resumes_from_its_true_last_epoch(tmp_path: Path) -> None:
     assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
     assert sorted(epoch_metrics(copy, "val/neg_elbo")) == [0, 1, 2]
     assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the original untouched
+
+
+def test_a_diverged_memory_stops_like_a_nan_loss(tmp_path: Path, monkeypatch, capsys) -> None:
+    """KM's memory algebra failing (a covariance no jitter makes positive definite, here from NaN addresses in the
+    second epoch) ends in the NaN stop: exit 3, epoch and step named, run.json failed, last good checkpoint kept."""
+    from km.memory import NonPositiveDefiniteError, safe_cholesky
+    from km.models import KanervaMachine
+
+    with pytest.raises(NonPositiveDefiniteError, match="NaN/Inf"):  # the error the memory algebra raises
+        safe_cholesky(torch.full((2, 3, 3), float("nan")))
+    real = KanervaMachine._write
+
+    def poisoned(self, e, w):
+        if self.training and self.global_step >= 10:  # second epoch: the addresses blow up
+            w = w * float("nan")
+        return real(self, e, w)
+
+    monkeypatch.setattr(KanervaMachine, "_write", poisoned)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *tiny(tmp_path, "trainer.max_epochs=3", "run_id=div", model="km")])
+    assert exc.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: training stopped: non-finite or non-positive-definite memory"), err
+    assert "at epoch 1, step 10" in err and "Traceback" not in err
+    run_dir = tmp_path / "runs" / "default" / "div"
+    assert read_meta(run_dir)["status"] == "failed"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0

@@ -4,6 +4,7 @@ from km.memory.dynamic import DynamicMemory, solve_addresses
 from km.memory.kanerva import (
     KanervaMemory,
     MemoryState,
+    NonPositiveDefiniteError,
     kl_matrix_normal,
     log_prob_matrix_normal,
     read,
@@ -21,6 +22,7 @@ __all__ = [
     "solve_addresses",
     "KanervaMemory",
     "MemoryState",
+    "NonPositiveDefiniteError",
     "kl_matrix_normal",
     "log_prob_matrix_normal",
     "read",

@@ -85,6 +85,7 @@ __all__ = [
     "kl_matrix_normal",
     "read",
     "safe_cholesky",
+    "NonPositiveDefiniteError",
     "sample",
     "write_batched",
     "write_online",
@@ -101,12 +102,16 @@ class MemoryState(NamedTuple):
     U: Tensor  # (B, K, K) row covariance
 
 
+class NonPositiveDefiniteError(ValueError):
+    """A memory covariance that no jitter makes positive definite (a diverged model, or NaN / Inf in it)."""
+
+
 def safe_cholesky(A: Tensor, jitter: float = 1e-6, max_tries: int = 5) -> Tensor:
     """Lower Cholesky factor of SPD ``A`` (..., K, K), adding diagonal jitter where it fails.
 
     Failing matrices get ``jitter * mean(diag) * 10**i`` added to the diagonal on try i = 0..max_tries-1
-    (only those batch elements; the others keep their exact factor). Raises ``ValueError`` if some
-    matrix is still not positive definite after ``max_tries``.
+    (only those batch elements; the others keep their exact factor). Raises ``NonPositiveDefiniteError``
+    (a ``ValueError``) if some matrix is still not positive definite after ``max_tries``.
     """
     L, info = torch.linalg.cholesky_ex(A)
     failed = info > 0  # (...)
@@ -123,7 +128,7 @@ def safe_cholesky(A: Tensor, jitter: float = 1e-6, max_tries: int = 5) -> Tensor
         if not failed.any():
             return L
     finite = bool(torch.isfinite(A).all())
-    raise ValueError(
+    raise NonPositiveDefiniteError(
         f"safe_cholesky: {int(failed.sum())} matrix/matrices of shape {tuple(A.shape[-2:])} not positive "
         f"definite after {max_tries} tries (largest jitter {jitter * 10.0 ** (max_tries - 1):g} x mean diag)"
         + ("" if finite else "; input contains NaN/Inf")

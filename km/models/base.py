@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 
 from km.likelihoods import make_likelihood
+from km.memory.kanerva import NonPositiveDefiniteError
 from km.nets import Decoder, Encoder, NetConfig
 
 
@@ -240,9 +241,15 @@ class EpisodeModel(pl.LightningModule):
             if n:
                 self._log_value(f"{split}/heldout_nll_is{is_samples}", -self.log_likelihood_is(x, is_samples, n), B)
 
+    def _diverged(self, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(f"{what} at epoch {self.current_epoch}, step {self.global_step}")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["x"]
-        out = self.episode_elbo(x)
+        try:
+            out = self.episode_elbo(x)
+        except NonPositiveDefiniteError as e:  # the memory algebra diverged: the same clean stop as a NaN loss
+            raise self._diverged(f"non-finite or non-positive-definite memory ({e})") from None
         loss = self.training_loss(out)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -253,7 +260,10 @@ class EpisodeModel(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_protocols("val", batch["x"])
+        try:
+            self._log_protocols("val", batch["x"])
+        except NonPositiveDefiniteError as e:
+            raise self._diverged(f"non-finite or non-positive-definite memory in validation ({e})") from None
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._log_protocols("test", batch["x"], self.is_samples)
