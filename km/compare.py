@@ -279,6 +279,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     metrics = {}
     if ev and isinstance(ev.get("metrics"), dict):
         metrics = {k: f for k, v in ev["metrics"].items() if (f := _finite(v)) is not None}
+    steps, checkpoint_step = _budget(run_dir, ev)  # one read of metrics.csv
     return {
         "run_dir": str(run_dir),
         "name": cfg.get("name", meta.get("name")),
@@ -296,8 +297,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "heldout_targets": _count((ev or {}).get("heldout_targets")),
         "class_episodes": (ev or {}).get("class_episodes"),
         "experiment": (meta.get("choices") or {}).get("experiment"),
-        "steps": _budget(run_dir, ev)[0],
-        "checkpoint_step": _budget(run_dir, ev)[1],
+        "steps": steps,
+        "checkpoint_step": checkpoint_step,
         "train_seconds": _finite((ev or {}).get("train_seconds")),
         "metrics": metrics,
         "curves": read_curves(run_dir / "metrics.csv"),
@@ -1145,22 +1146,18 @@ class _Store(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self._value(namespace, values))
         _record(namespace, option_string, values)
 
+    def _value(self, namespace: argparse.Namespace, values: Any) -> Any:
+        return values
 
-class _Append(argparse.Action):
+
+class _Append(_Store):
     """argparse's 'append' (fresh list per parse) that records its tokens like _Store."""
 
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
-        _record(namespace, option_string, values)
+    def _value(self, namespace: argparse.Namespace, values: Any) -> Any:
+        return [*(getattr(namespace, self.dest, None) or []), values]
 
 
 def _record(namespace: argparse.Namespace, option_string: str | None, values: Any) -> None:

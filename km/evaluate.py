@@ -38,6 +38,8 @@ def load_run(target: str | Path, overrides: list[str] | None = None, map_locatio
     if problem:
         raise RunError(f"checkpoint {ckpt} does not match model '{cfg.model.name}' as configured: {problem}")
     model.load_state_dict(state["state_dict"])
+    model.checkpoint_step = int(state.get("global_step", 0))  # where the loaded weights were trained to
+    model.checkpoint_epoch = int(state.get("epoch", -1))
     return cfg, run_dir, ckpt, dm, model
 
 
@@ -110,7 +112,6 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         metrics |= {k.replace("test/", "test_class/", 1): v for k, v in class_metrics.items()}
         kinds["test_class"] = {"episodes": n, "eval_episodes": "class",
                                "classes_per_episode": cfg.data.classes_per_episode}
-    state = load_checkpoint(ckpt)
     meta = read_meta(run_dir)
     T = cfg.data.episode_length
     result = {
@@ -120,8 +121,7 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         "is_samples": model.is_samples, "eval_seed": cfg.data.eval_seed,
         "heldout_targets": model.heldout_n(T), "class_episodes": "test_class" in kinds,
         "protocol": str(cfg.checkpoint.protocol), "kl_weights": to_dict(cfg.model.kl_weights),
-        "steps": meta.get("steps"), "checkpoint_step": int(state.get("global_step", 0)),
-        "epoch": int(state.get("epoch", -1)),
+        "steps": meta.get("steps"), "checkpoint_step": model.checkpoint_step, "epoch": model.checkpoint_epoch,
         "train_seconds": meta.get("train_seconds"),
         "metrics": metrics, "seconds": round(time.time() - t0, 1),
     }
