@@ -103,11 +103,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.data_dir = files.root
         return files
 
-    def verify(self) -> None:
-        """Check that every required file exists with a known md5 (DataError if not); loads nothing."""
+    def verify(self, fresh: bool = False) -> None:
+        """Check that every required file exists with a known md5 (DataError if not); loads nothing.
+        ``fresh``: hash every file now instead of trusting the md5 cache (``km data check``)."""
         files = self._files()
         for rel in self.required_files():
-            files.verified(rel)
+            files.verified(rel, fresh=fresh)
 
     def setup(self, stage: str | None = None) -> None:
         """Load all splits into memory (once)."""
@@ -120,16 +121,36 @@ class InMemoryDataModule(pl.LightningDataModule):
             self.x[split], self.y[split] = x, y.long()
         self._on_device.clear()
 
-    def episodes(self, split: str, rank: int = 0, world_size: int = 1, epoch_fn=None) -> EpisodeLoader:
-        """EpisodeLoader over ``split`` (training order for "train", fixed order otherwise)."""
+    def _check_labels(self, split: str) -> None:
         self.setup()
-        train = split == "train"
         if self.mode[split] == "class" and bool((self.y[split] < 0).any()):
-            key = "episodes" if train else "eval_episodes"
+            key = "episodes" if split == "train" else "eval_episodes"
             raise DataError(
                 f"data.{key}=class needs class labels, but the {self.name} {split} split has none. "
-                + (self.labels_hint if train and self.labels_hint else f"Use data.{key}=iid.")
+                + (self.labels_hint if split == "train" and self.labels_hint else f"Use data.{key}=iid.")
             )
+
+    def check_sizes(self) -> None:
+        """One-line DataError when the episode and batch sizes do not fit the loaded splits (checked before a
+        run directory exists): T longer than a split, or fewer training episodes per epoch than one batch
+        (an epoch of 0 steps); class episodes on a split without labels."""
+        for split in SPLITS:
+            self._check_labels(split)
+        T, B = self.episode_length, self.batch_size
+        for split in SPLITS:
+            n = len(self.x[split])
+            if T > n:
+                raise DataError(f"data.episode_length={T} is longer than the {self.name} {split} split ({n} images)")
+        e = self.n_episodes["train"] or len(self.x["train"]) // T
+        if B > e:
+            raise DataError(f"data.batch_size={B} is more than the {e} training episodes per epoch "
+                            f"(data.train_episodes_per_epoch, default: {self.name} train images // T): an epoch "
+                            "would have no step; lower data.batch_size or raise data.train_episodes_per_epoch")
+
+    def episodes(self, split: str, rank: int = 0, world_size: int = 1, epoch_fn=None) -> EpisodeLoader:
+        """EpisodeLoader over ``split`` (training order for "train", fixed order otherwise)."""
+        self._check_labels(split)
+        train = split == "train"
         return EpisodeLoader(
             split,
             len(self.x[split]),

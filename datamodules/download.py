@@ -8,6 +8,7 @@ the shared copies byte for byte), which :mod:`datamodules.paths` accepts.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import re
 import shutil
@@ -20,7 +21,11 @@ import numpy as np
 
 from .paths import MANIFEST, DataError, cache_dir, md5_file, read_json, write_json_atomic
 
-AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
+AMAT_URL = "https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
+# md5 of each split's content (the uint8 (N, 784) array's bytes), pinned from the shared copy
+# (shared/data/binarized_mnist/binarized_mnist.npz): whatever the transport, a changed file is refused.
+AMAT_CONTENT_MD5 = {"train": "8d4f0427d6c2572b5e9994e08bad66de", "valid": "3e33becd40c694040e5e6c812e2f4b50",
+                    "test": "fc34623e13bd64fed2f8b61365198339"}
 MNIST_RAW = [f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
 _OMNIGLOT_NAME = re.compile(r"(\d{4})_(\d{2})\.png$")
 
@@ -31,6 +36,14 @@ def parse_amat(text: str) -> np.ndarray:
     images = np.array(rows, dtype=np.float64).astype(np.uint8)
     if images.ndim != 2 or images.shape[1] != 784 or images.max(initial=0) > 1:
         raise ValueError(f"not a binarized MNIST .amat: array {images.shape}")
+    return images
+
+
+def checked_split(split: str, images: np.ndarray) -> np.ndarray:
+    """`images` if their content md5 is the pinned one of `split` (AMAT_CONTENT_MD5), else ValueError."""
+    got = hashlib.md5(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).hexdigest()
+    if got != AMAT_CONTENT_MD5[split]:
+        raise ValueError(f"binarized MNIST {split}: content md5 {got} != pinned {AMAT_CONTENT_MD5[split]}")
     return images
 
 
@@ -93,7 +106,7 @@ def _mnist(tmp: Path, data_dir: Path) -> list[str]:
     splits = {}
     for split in ("train", "valid", "test"):
         with urllib.request.urlopen(AMAT_URL.format(split), timeout=60) as response:
-            splits[split] = parse_amat(response.read().decode())
+            splits[split] = checked_split(split, parse_amat(response.read().decode()))
     (data_dir / "binarized_mnist").mkdir(parents=True, exist_ok=True)
     np.savez_compressed(data_dir / "binarized_mnist/binarized_mnist.npz", **splits)
     return [f"MNIST/raw/{name}" for name in MNIST_RAW] + ["binarized_mnist/binarized_mnist.npz"]

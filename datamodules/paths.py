@@ -112,13 +112,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def cached_md5(path: Path) -> str:
-    """md5 of ``path``, memoised in the cache dir under (abs path, size, mtime_ns)."""
+def cached_md5(path: Path, fresh: bool = False) -> str:
+    """md5 of ``path``, memoised in the cache dir under (abs path, inode, size, mtime_ns, ctime_ns). The ctime
+    is in the key because a file rewritten in place with its mtime restored (``touch -d``) keeps its size and
+    mtime but not its ctime, which no user call can set back. ``fresh``: recompute whatever the cache holds
+    (``km data check``)."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     store = cache_dir() / _MD5_CACHE
     known = read_json(store)
-    if key not in known:
+    if fresh or key not in known:
         known = {**read_json(store), key: md5_file(path)}  # re-read: another process may have written
         write_json_atomic(store, known)
     return known[key]
@@ -142,15 +145,16 @@ class DataFiles:
             f"{self.name}: corrupt file {rel} ({why}) {self._where()}; delete it and run: km data download {self.name}"
         )
 
-    def verified(self, rel: str) -> Path:
-        """Absolute path of ``rel`` after checking it exists and its md5 is a known one."""
+    def verified(self, rel: str, fresh: bool = False) -> Path:
+        """Absolute path of ``rel`` after checking it exists and its md5 is a known one (``fresh``: hashed now,
+        not taken from the cache)."""
         path = self.root / rel
         if not path.is_file():
             raise DataError(
                 f"{self.name}: missing file {rel} {self._where()}. Point KM_DATA_DIR (or data.data_dir=...)"
                 f" at the folder holding it, or run: km data download {self.name}"
             )
-        got = cached_md5(path)
+        got = cached_md5(path, fresh=fresh)
         expected = {KNOWN_MD5.get(rel), self._manifest.get(rel)} - {None}
         if got not in expected:
             raise self.corrupt(rel, f"md5 {got} != expected {' or '.join(sorted(expected)) or '(unknown file)'}")

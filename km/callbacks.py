@@ -7,14 +7,11 @@
 - `AtomicCheckpointIO`: checkpoint written to a temp file in the same folder, fsynced, then
   renamed over the old one: a kill during the write leaves the previous checkpoint loadable.
 - `EpochSummary`: one plain line per epoch when no progress bar is shown (CI logs, pipes).
-- `DebugSigkill`: test hook (env KM_DEBUG_SIGKILL_AT_STEP=N) that SIGKILLs the run at step N.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -95,14 +92,14 @@ def save_grid(model: Any, x: torch.Tensor, path: Path, columns: int = 16) -> Pat
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from km.runs import RunError, atomic_write, free_bytes
+
+        try:
+            atomic_write(Path(path), lambda f: torch.save(checkpoint, f), fsync=True)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = free_bytes(Path(path).parent)
+            raise RunError(f"cannot write checkpoint {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:120]}"
+                           f" ({free / 2**20:.0f} MiB free there); free space, then resume") from None
 
 
 class EpochSummary(pl.Callback):
@@ -119,12 +116,3 @@ class EpochSummary(pl.Callback):
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} | " + " | ".join(parts)
               + f" | {time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
         self.t0 = time.time()
-
-
-class DebugSigkill(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)

@@ -140,12 +140,19 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     for n in names:
         dm = DATAMODULES[n](data_dir=args.dir)
-        dm.verify()
+        dm.verify(fresh=True)  # a check hashes every file: a cached md5 cannot vouch for a file changed in place
         print(f"{n}: ok ({dm.data_dir})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one `error:` line naming the command's --help, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="km", description="kanerva-lab: Kanerva Machine experiments")
+    p = _Parser(prog="km", description="kanerva-lab: Kanerva Machine experiments")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model (Hydra overrides)")
     t.add_argument("overrides", nargs="*")
@@ -206,8 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, RunError, DataError) as e:
         _fail(str(e))
     except NonFiniteLossError as e:
-        _fail(f"training stopped: {e}. The last good checkpoint is kept; "
-              "lower model.lr or add trainer.gradient_clip_val, then continue with resume=<run dir>", code=3)
+        _fail(f"training stopped: {e}", code=3)
     except KeyboardInterrupt:
         _fail("interrupted; continue with: km train resume=<run dir>", code=130)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from km.models import MODELS
+from km.models.base import Choice
 from km.nets import NetConfig
+from km.overrides import ConfigError, split_override
 
 GROUPS = ("model", "data", "trainer", "logger", "experiment")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line, meant for the user."""
-
-
-class Choice(str, Enum):
-    """String options checked at config time (str mixin: members compare equal to strings)."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 Episodes = Choice("Episodes", [("iid", "iid"), ("class", "class")])  # "class" is a keyword: functional API
@@ -158,29 +148,64 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
-# key -> (test, what it must be); values a type check cannot catch
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+# a run's name and id are directory names under runs_dir: no separators, no leading dot (no "..")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
+_PLAIN = "a plain directory name: letters, digits and _ . = + - (no '/', no leading '.')"
+
+
+def _devices_ok(v: Any) -> bool:
+    """Lightning's `devices`: a count >= 1, -1 (all), "auto", a list of indices or "0,1"."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= 1 or v == -1
+    if isinstance(v, str):
+        return v == "auto" or re.fullmatch(r"-1|[1-9]\d*|\d+(,\d+)+,?|\d+,", v.strip()) is not None
+    return bool(v) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
+# key -> (test, what it must be); values a type check cannot catch. Model options: each model's `check()`.
 RANGES = {
     "data.episode_length": (lambda v: v >= 1, ">= 1"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.classes_per_episode": (lambda v: v >= 1, ">= 1"),
-    "model.lr": (lambda v: v > 0, "> 0"),
-    "model.code_dim": (lambda v: v >= 1, ">= 1"),
     "net.embed_dim": (lambda v: v >= 1, ">= 1"),
     "net.channels": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive filter counts"),
     "eval.is_samples": (lambda v: v >= 0, ">= 0"),
+    "data.train_episodes_per_epoch": (lambda v: v >= 1, ">= 1 (or null: the whole training split)"),
+    "data.val_episodes": (lambda v: v >= 1, ">= 1 (or null: every full episode of the split)"),
+    "data.test_episodes": (lambda v: v >= 1, ">= 1 (or null: every full episode of the split)"),
+    "data.val_size": (lambda v: v >= 1, ">= 1 (or null: the data set's default)"),
+    "data.image_size": (lambda v: v in (28, 32), "28 or 32"),
     "trainer.max_epochs": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: no limit)"),
-    "model.kl_weights.memory": (lambda v: v >= 0, ">= 0"),
-    "model.kl_weights.z": (lambda v: v >= 0, ">= 0"),
-    "model.kl_weights.addressing": (lambda v: v >= 0, ">= 0"),
-    "model.kl_weights.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "trainer.max_steps": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: no limit)"),
+    "trainer.devices": (_devices_ok, "a device count >= 1, -1 (all), auto, or a list of device indices"),
+    "trainer.accelerator": (lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
+    "trainer.precision": (lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS[:6])),
+    "trainer.num_nodes": (lambda v: v >= 1, ">= 1"),
+    "trainer.gradient_clip_val": (lambda v: v > 0, "> 0 (or null: no clipping)"),
+    "trainer.limit_val_batches": (lambda v: v > 0, "> 0: a fraction (<= 1.0) or a count of batches"),
+    "trainer.num_sanity_val_steps": (lambda v: v >= -1, ">= 0 (or -1: all)"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
+    "trainer.num_threads": (lambda v: v >= 1, ">= 1 (or null: torch's default)"),
+    "checkpoint.save_top_k": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: every epoch)"),
+    "checkpoint.every_n_epochs": (lambda v: v >= 1, ">= 1"),
+    "name": (lambda v: SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
+    "run_id": (lambda v: SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
 }
 
 
 def _check_ranges(cfg: DictConfig) -> None:
     for key, (ok, what) in RANGES.items():
         value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
+        if value is not None and not ok(value):  # None: the option's "all" / "none" / default meaning
             raise ConfigError(f"bad value for '{key}': {value} (must be {what})")
+    try:
+        OmegaConf.to_object(cfg.model).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     n, T = cfg.eval.heldout_targets, cfg.data.episode_length
     if n is not None and not 1 <= n <= T - 1:
         raise ConfigError(f"bad value for 'eval.heldout_targets': {n} (must be in [1, T - 1] = [1, {T - 1}] "
@@ -207,13 +232,10 @@ def _group_options(group: str) -> list[str]:
 def _precheck(overrides: list[str]) -> None:
     """Catch the common mistakes before Hydra, with a message naming the valid choices."""
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form key=value")
-        key, value = ov.split("=", 1)
-        key = key.lstrip("+~")
+        key, value = split_override(ov)
         if key in GROUPS:
             opts = _group_options(key)
-            if value not in opts and value != "null":
+            if value not in opts and not (key == "experiment" and value == "null"):
                 raise ConfigError(f"unknown {key} '{value}'; valid options: {', '.join(opts)}")
 
 
@@ -255,7 +277,7 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
         key = m.group(1)
-        base = compose_config([o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS])
+        base = compose_config([o for o in overrides if split_override(o)[0] in GROUPS])
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = OmegaConf.select(base, parent) if parent else base
         if isinstance(node, DictConfig):
@@ -269,8 +291,8 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
 
 def group_choices(overrides: list[str]) -> dict[str, str]:
     """The config-group choices among overrides, e.g. {"model": "km", "data": "mnist"}."""
-    pairs = (o.split("=", 1) for o in overrides if "=" in o)
-    return {k.lstrip("+~"): v for k, v in pairs if k.lstrip("+~") in GROUPS}
+    pairs = (split_override(o) for o in overrides)
+    return {k: v for k, v in pairs if k in GROUPS}
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, str] | None = None) -> DictConfig:
@@ -282,11 +304,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, st
     saved = {"model": cfg.model.name, "data": cfg.data.name, **(choices or {})}
     dotted = []
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form key=value")
-        key, value = ov.split("=", 1)
-        if key.lstrip("+~") in GROUPS:
-            if saved.get(key.lstrip("+~")) != value:
+        key, value = split_override(ov)
+        if key in GROUPS:
+            if saved.get(key) != value:
                 raise ConfigError(f"'{ov}': this run was made with {key}={saved.get(key, 'its default')}; "
                                   "start a new run to change it")
             continue

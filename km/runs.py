@@ -17,19 +17,60 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class RunError(RuntimeError):
     """A problem with a run directory or checkpoint: one-line message for the user."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+TMP_GLOB = ".*.tmp-*"  # the temp files of atomic_write: .<name>.tmp-<pid>
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """The one atomic file writer: `write(f)` into `.<name>.tmp-<pid>` beside `path`, then `os.replace`, so a
+    reader (or a crash) sees the old file or the new one, never half of one. On any failure (a full disk, a
+    read-only folder, a kill signal turned exception) the temp file is removed before the error propagates,
+    so a full disk is not kept full by our own partial files."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes available to us on the disk holding `folder` (-1 if unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def sweep_temp_files(run_dir: Path) -> list[Path]:
+    """Remove the temp files an earlier, killed process left in `run_dir` (and its checkpoints/): called by a
+    trainer holding the run's lock, so none of them is being written."""
+    gone = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for p in folder.glob(TMP_GLOB) if folder.is_dir() else []:
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -109,14 +150,35 @@ def new_run_id() -> str:
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "run.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    p = Path(run_dir) / "run.json"
+    try:
+        meta = json.loads(p.read_text()) if p.exists() else {}
+    except ValueError:  # damaged from outside (we write it atomically): start its record anew
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def write_meta(run_dir: Path, **updates: Any) -> dict[str, Any]:
     meta = read_meta(run_dir) | updates | {"updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
     return meta
+
+
+def mark_failed(run_dir: Path, error: str) -> None:
+    """Record a failed run in run.json, even on a full disk: the atomic write needs a new file, so when it fails
+    the status is written in place (run.json's own blocks are usually enough). Never raises."""
+    last = last_checkpoint(run_dir)
+    updates = {"status": "failed", "error": error, "last_good_checkpoint": str(last) if last else None}
+    try:
+        write_meta(run_dir, **updates)
+    except OSError:
+        try:
+            text = json.dumps(read_meta(run_dir) | updates)
+            with open(run_dir / "run.json", "r+") as f:
+                f.write(text)
+                f.truncate()
+        except (OSError, ValueError):
+            pass
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -80,6 +80,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from km import wandb_env
+from km.overrides import ConfigError, override_key, split_override
+
 STATE = "state.json"
 SPEC = "spec.yaml"
 POLL_S = 2.0
@@ -128,9 +131,10 @@ def main(args: argparse.Namespace) -> None:
                 print(f"agent: {summary['started']} run(s) started; {summary['reason']}")
                 if summary["failed"]:
                     print(f"agent: {summary['failed']} failed (see km sweep status {target})")
-            elif args.local or target.exists():
-                raise SweepError(f"{target} is not a local sweep directory (no {STATE}); "
-                                 "create one with: km sweep start SPEC.yaml --local")
+            elif args.local or target.exists() or target.parent.is_dir() and str(target.parent) != ".":
+                # a path (its folder exists here): a local sweep that is not there, not a W&B sweep id
+                what = "is not a local sweep directory" if target.exists() else "does not exist"
+                raise SweepError(f"{target} {what} (no {STATE}); create one with: km sweep start SPEC.yaml --local")
             else:
                 raise SystemExit(agent_online(args.target, args.count, args.gpus))
         elif args.sweep_command == "status":
@@ -165,6 +169,15 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     et = spec.get("early_terminate")
     if et is not None and (not isinstance(et, dict) or et.get("type") != "hyperband"):
         raise SweepError(f"{p}: early_terminate supports only type: hyperband")
+    for key, param in params.items():  # each becomes `key=value` on a km train command line
+        values = param.get("values", [param.get("value")]) if isinstance(param, dict) else [param]
+        for v in values if isinstance(values, list) else [values]:
+            try:
+                split_override(f"{key}={_fmt(v)}")
+            except ConfigError as e:
+                raise SweepError(f"{p}: parameter {key}: {e}") from None
+        if key in ("name", "run_id", "resume"):
+            raise SweepError(f"{p}: parameter {key} is reserved: the agent sets name, run_id and resume")
     return spec
 
 
@@ -176,7 +189,14 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
     p = Path(sweep_dir) / STATE
     if not p.exists():
         raise SweepError(f"{sweep_dir} is not a local sweep directory (no {STATE})")
-    return json.loads(p.read_text())
+    try:
+        state = json.loads(p.read_text())
+    except (ValueError, OSError) as e:  # written atomically by us, so only outside damage truncates it
+        raise SweepError(f"{p} is unreadable ({type(e).__name__}: {str(e)[:80]}); restore it from a backup, or "
+                         "start a new sweep (finished runs keep their run directories)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("runs"), list):
+        raise SweepError(f"{p} is not a sweep state (no 'runs' list); restore it or start a new sweep")
+    return state
 
 
 def write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
@@ -365,13 +385,15 @@ def _fmt(v: Any) -> str:
 
 
 def _key(o: str) -> str:
-    return o.split("=", 1)[0].lstrip("+~")
+    return override_key(o)
 
 
 def _check_overrides(overrides: list[str]) -> None:
     for o in overrides:
-        if "=" not in o:
-            raise SweepError(f"--set wants key=value, got {o!r}")
+        try:
+            split_override(o)
+        except ConfigError as e:
+            raise SweepError(f"--set: {e}") from None
         if _key(o) in ("name", "run_id", "resume"):
             raise SweepError(f"--set {_key(o)}=... is reserved: the agent sets name, run_id and resume")
 
@@ -602,23 +624,8 @@ def status_table(sweep_dir: Path) -> str:
 # ----------------------------------------------------------------------------- online (W&B server)
 
 
-def _have_credentials() -> bool:
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return bool(netrc.netrc(os.environ.get("NETRC")).authenticators(host or ""))
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 def _need_credentials(what: str) -> None:
-    if not _have_credentials():
+    if not wandb_env.online_possible():
         raise SweepError(f"{what} needs W&B credentials (WANDB_API_KEY or `wandb login`; WANDB_MODE must not be "
                          "offline); without them use the local engine: km sweep start SPEC.yaml --local, "
                          "then km sweep agent <dir>")

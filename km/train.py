@@ -19,9 +19,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from km.callbacks import AtomicCheckpointIO, DebugSigkill, EpochSeed, EpochSummary, SampleGrid, seed_all
+from km import wandb_env
+from km.callbacks import AtomicCheckpointIO, EpochSeed, EpochSummary, SampleGrid, seed_all
 from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
-from km.models import MODELS, EpisodeModel
+from km.models import MODELS, EpisodeModel, NonFiniteLossError
 from km.runs import (
     RunError,
     RunLock,
@@ -29,9 +30,11 @@ from km.runs import (
     last_checkpoint,
     load_checkpoint,
     locate,
+    mark_failed,
     new_run_id,
     read_meta,
     resolve_resume,
+    sweep_temp_files,
     truncate_metrics,
     write_meta,
 )
@@ -122,27 +125,6 @@ def plain_batches_for_memoryless(cfg: DictConfig) -> None:
               "(data.episodes=class applies to memory models only)", file=sys.stderr)
 
 
-def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode(cfg_mode: str | None) -> str:
-    """Explicit config > WANDB_MODE > online iff credentials are present, else offline."""
-    if cfg_mode:
-        return cfg_mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if _wandb_has_credentials() else "offline"
-
-
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -158,9 +140,13 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     csv_logger._experiment = AppendingWriter(log_dir=str(run_dir))
     loggers: list[Any] = [csv_logger]
-    mode = wandb_mode(str(cfg.logger.mode) if cfg.logger.mode else None) if cfg.logger.wandb else "disabled"
+    mode = wandb_env.mode(str(cfg.logger.mode) if cfg.logger.mode else None) if cfg.logger.wandb else "disabled"
     if mode == "disabled" or os.environ.get("LOCAL_RANK", "0") != "0":
         return loggers
+    if mode == "online" and not wandb_env.reachable():
+        host, port = wandb_env.server()
+        print(f"W&B server {host}:{port} is unreachable; logging offline instead", file=sys.stderr)
+        mode = "offline"
     import wandb
     from pytorch_lightning.loggers import WandbLogger
 
@@ -180,13 +166,38 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
         lg = make(mode)
     except Exception as e:  # noqa: BLE001 - W&B must never stop a run
         print(f"W&B {mode} failed ({type(e).__name__}: {str(e)[:120]}); logging offline instead", file=sys.stderr)
-        lg = make("offline")
+        for end in (wandb.finish, wandb.teardown):  # the failed attempt keeps the run id "in use" until ended
+            try:
+                end()
+            except Exception:  # noqa: BLE001, S110
+                pass
+        try:
+            lg = make("offline")
+        except Exception as e2:  # noqa: BLE001
+            print(f"W&B offline failed too ({type(e2).__name__}: {str(e2)[:120]}); metrics.csv only", file=sys.stderr)
+            return loggers
     loggers.append(lg)
     return loggers
 
 
+# The keys a resumed run may change: budgets, logging, evaluation, the learning rate and clipping (the advice
+# printed when a run diverges), where the data live and which devices train. Anything else would continue the
+# run as a different experiment under its old name: refused in one line before anything is written.
+RESUMABLE = ("trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val", "trainer.log_every_n_steps",
+             "trainer.progress_bar", "trainer.num_threads", "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
+             "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "logger.", "eval.",
+             "model.lr", "test_after_fit", "runs_dir", "data.data_dir", "data.test_episodes", "data.eval_episodes")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
 def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConfig, Path, Path | None]:
-    """Decide the run directory and whether we continue from a checkpoint."""
+    """Decide the run directory and whether we continue from a checkpoint. Writes nothing."""
+    from km.config import ConfigError
+    from km.overrides import split_override
+
     runs_dir = Path(cfg.runs_dir)
     resumed = resolve_resume(cfg.resume, runs_dir, cfg.name, cfg.run_id) if cfg.resume else None
     if resumed:
@@ -194,15 +205,32 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         saved = run_dir / "config.yaml"
         if not saved.exists():
             raise RunError(f"cannot resume {run_dir}: config.yaml is missing")
-        keep = [o for o in (overrides or []) if o.split("=", 1)[0].lstrip("+~") not in ("resume", "run_id", "name")]
-        cfg = apply_overrides(typed(OmegaConf.load(saved)), keep, read_meta(run_dir).get("choices"))
+        try:
+            saved_cfg = typed(OmegaConf.load(saved))
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign config.yaml: one line
+            raise RunError(f"cannot resume {run_dir}: its config.yaml does not load ({str(e).splitlines()[0][:150]})") from None
+        keep = [o for o in (overrides or []) if split_override(o)[0] not in ("resume", "run_id", "name")]
+        cfg = apply_overrides(saved_cfg, keep, read_meta(run_dir).get("choices"))
+        changed = sorted({k for k, _ in map(split_override, keep) if "." in k or k in ("seed", "init_from")
+                          if not _resumable(k) and OmegaConf.select(cfg, k) != OmegaConf.select(saved_cfg, k)})
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"resume: {k} cannot change when a run continues (saved {OmegaConf.select(saved_cfg, k)}, "
+                              f"given {OmegaConf.select(cfg, k)}); start a new run for that. A resumed run may change: "
+                              + ", ".join(r.rstrip(".") + ("*" if r.endswith(".") else "") for r in RESUMABLE))
         cfg.resume = None
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
         # Lightning's DDP launcher re-executes this command once per rank: the workers take the
-        # launcher's id from KM_RUN_ID so every rank lands in the same run dir. (Under SLURM or
-        # torchrun every rank is started independently: give run_id=... explicitly there.)
-        cfg.run_id = new_run_id() if is_rank_zero() else os.environ["KM_RUN_ID"]
+        # launcher's id from KM_RUN_ID so every rank lands in the same run dir. Under SLURM or
+        # torchrun every rank is started independently: run_id=... must be given explicitly there.
+        if is_rank_zero():
+            cfg.run_id = new_run_id()
+        elif os.environ.get("KM_RUN_ID"):
+            cfg.run_id = os.environ["KM_RUN_ID"]
+        else:
+            raise ConfigError("this process is a distributed worker (rank set by SLURM or torchrun) started without "
+                              "run_id: give every rank the same run_id=... so they share one run directory")
     os.environ["KM_RUN_ID"] = cfg.run_id
     run_dir = runs_dir / cfg.name / cfg.run_id
     if last_checkpoint(run_dir) and is_rank_zero():
@@ -215,48 +243,98 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
+def check_memory_budget(cfg: DictConfig, image_shape: tuple[int, int, int]) -> None:
+    """Refuse, before anything is written, a batch whose training step cannot fit in this machine's memory
+    (data.batch_size x data.episode_length images at once): e.g. T = 10^6 grew to 21 GB and was killed.
+    The estimate counts the conv nets' activations (each block keeps about 6 maps of its size, in the encoder
+    and the decoder, forward and backward) and the memory algebra's T x T matrices; it is meant to catch
+    orders of magnitude, not to budget tightly (on a GPU the device's own out-of-memory error still applies)."""
+    if str(cfg.trainer.accelerator) not in ("cpu", "auto"):
+        return
+    B, T = cfg.data.batch_size, cfg.data.episode_length
+    C, H, W = image_shape
+    maps = sum(ch * (H >> (i + 1)) * (W >> (i + 1)) for i, ch in enumerate(cfg.net.channels)) + C * H * W
+    need = 4 * B * T * (maps * 6 * 2 * 2) + 4 * 8 * B * T * T
+    avail = _available_memory()
+    if avail and need > 0.9 * avail:
+        raise RunError(f"data.batch_size={B} x data.episode_length={T} = {B * T} images per step needs about "
+                       f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available here; lower them")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict.
 
-    The launching process holds the run directory's lock (`RunLock`) from before it writes anything there
-    until it returns: a second trainer on the same run is refused in one line (exit 2)."""
+    Order, so that bad input loses nothing: every value is checked, the data are loaded and checked against
+    the batch and episode sizes, the model is built and a checkpoint to continue from is loaded into it, all
+    before the run directory is created or touched. Then the launching process takes the run directory's lock
+    (`RunLock`; a second trainer on the same run is refused in one line, exit 2) and holds it until it
+    returns; from there on any failure marks the run failed in run.json with its one-line error."""
     quiet_lightning()
     cfg, run_dir, ckpt = prepare_run(cfg, overrides)
-    if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
-        return _train(cfg, overrides, run_dir, ckpt)
-    with RunLock(run_dir):
-        return _train(cfg, overrides, run_dir, ckpt)
-
-
-def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     plain_batches_for_memoryless(cfg)
+    dm = build_datamodule(cfg)
+    check_memory_budget(cfg, dm.image_shape)
+    dm.setup("fit")
+    dm.check_sizes()
+    seed_all(cfg.seed)
+    model = build_model(cfg, dm.image_shape, dm.likelihood)
+    source = None
+    if cfg.init_from and ckpt is None:  # a resumed run restores its own weights below
+        source, msg = init_weights_from(model, cfg.init_from)
+        print(msg, file=sys.stderr)
+    start_epoch = 0
+    if ckpt is not None:  # the weights must load before config.yaml is rewritten
+        state = load_checkpoint(ckpt)
+        start_epoch = int(state.get("epoch", -1)) + 1
+        try:
+            model.load_state_dict(state["state_dict"])
+        except RuntimeError as e:
+            raise RunError(f"cannot resume from {ckpt}: its weights do not fit this config "
+                           f"({str(e).strip().splitlines()[-1][:150]})") from None
+    if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
+        return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
+    with RunLock(run_dir):
+        try:
+            return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
+        except BaseException as e:
+            mark_failed(run_dir, f"{type(e).__name__}: {str(e).strip()[:300]}")
+            raise
+
+
+def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Path | None, start_epoch: int,
+           dm: pl.LightningDataModule, model: EpisodeModel, source: Path | None) -> dict[str, Any]:
     rank_zero = is_rank_zero()
     if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        gone = sweep_temp_files(run_dir)
+        if gone:
+            print(f"removed {len(gone)} temp file(s) an interrupted process left in {run_dir}", file=sys.stderr)
+        if ckpt is None:  # a fresh start (a kill before the first checkpoint included): no rows of an earlier try
+            truncate_metrics(run_dir, -1)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        meta = write_meta(run_dir, status="running", name=cfg.name, run_id=cfg.run_id, model=cfg.model.name,
-                          data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
+        meta = write_meta(run_dir, status="running", error=None, name=cfg.name, run_id=cfg.run_id,
+                          model=cfg.model.name, data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
         if ckpt is None:
             meta = write_meta(run_dir, choices=group_choices(overrides or []))
+        if source is not None:
+            write_meta(run_dir, init_from=str(source))
         wandb_id = meta.get("wandb_id") or cfg.run_id.replace("-", "")
         write_meta(run_dir, wandb_id=wandb_id)
     else:
         wandb_id = cfg.run_id.replace("-", "")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-
-    seed_all(cfg.seed)
-    dm = build_datamodule(cfg)
-    model = build_model(cfg, dm.image_shape, dm.likelihood)
-    start_epoch = 0
-    if cfg.init_from and ckpt is None:  # a resumed run restores its own weights below
-        source, msg = init_weights_from(model, cfg.init_from)
-        print(msg, file=sys.stderr)
-        if rank_zero:
-            write_meta(run_dir, init_from=str(source))
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        start_epoch = int(state.get("epoch", -1)) + 1
         if rank_zero:
             truncate_metrics(run_dir, start_epoch - 1)
         print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
@@ -265,11 +343,10 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
     t_fit = time.time()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    except BaseException as e:
-        if rank_zero:
-            last = last_checkpoint(run_dir)
-            write_meta(run_dir, status="failed", error=f"{type(e).__name__}: {e}",
-                       last_good_checkpoint=str(last) if last else None)
+    except NonFiniteLossError as e:
+        _finish_wandb(trainer, failed=True)
+        raise NonFiniteLossError(f"{e}. {_divergence_advice(cfg, run_dir)}") from None
+    except BaseException:
         _finish_wandb(trainer, failed=True)
         raise
     if rank_zero:  # wall time of training, summed over resumes (a killed attempt's time is not counted)
@@ -287,6 +364,15 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
     _finish_wandb(trainer)
     write_meta(run_dir, status="finished", error=None)
     return summary
+
+
+def _divergence_advice(cfg: DictConfig, run_dir: Path) -> str:
+    """What to run after a diverged run: continue from the last good checkpoint with a 10x lower rate (and
+    clipping, if there was none). `resume` applies both (`RESUMABLE`; the rate overrides the optimiser's)."""
+    fix = f"model.lr={cfg.model.lr / 10:g}" + ("" if cfg.trainer.gradient_clip_val else " trainer.gradient_clip_val=5")
+    if last_checkpoint(run_dir) is None:
+        return f"No epoch had finished, so no checkpoint was kept; start again with a lower rate: {fix}"
+    return f"The last good checkpoint is kept; continue with: km train resume={run_dir} {fix}"
 
 
 def _log_test_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -335,8 +421,6 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trai
         callbacks.append(RichProgressBar())
     else:
         callbacks.append(EpochSummary())
-    if os.environ.get("KM_DEBUG_SIGKILL_AT_STEP"):
-        callbacks.append(DebugSigkill(int(os.environ["KM_DEBUG_SIGKILL_AT_STEP"])))
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,

@@ -19,6 +19,7 @@ import yaml
 from conftest import needs_data, tiny
 
 from km import sweep
+from km.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny() plus an even smaller budget: one epoch, one torch thread (much faster on 2 shared cores)
@@ -182,3 +183,38 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
     t0 = time.time()
     assert wait_for_trainer(run_dir, "r001", poll=0.1) is True
     assert time.time() - t0 > 0.5 and p.wait(timeout=10) == 0 and lock_holder(run_dir) is None
+
+
+@needs_data
+def test_an_agent_killed_alone_leaves_its_trainer_which_the_restarted_agent_waits_for(tmp_path: Path) -> None:
+    """kill -9 on the agent only: its trainer (own session) finishes the run; the restarted agent waits for it
+    instead of starting a second trainer on the same run, records it, and goes on. No run trained twice, no
+    duplicated metrics rows, no second set of checkpoints."""
+    from km.runs import lock_holder
+
+    spec = _spec(tmp_path, {"seed": {"values": [1, 2]}})
+    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST, "trainer.max_epochs=3"))
+    run1 = tmp_path / "runs" / "sw" / "r001"
+    proc = subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while lock_holder(run1) is None:  # r001's trainer has started and holds its run
+            assert time.time() < deadline and proc.poll() is None, "the agent's trainer never started"
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # the agent alone
+        proc.wait()
+    trainer_pid = lock_holder(run1)
+    assert trainer_pid is not None, "the trainer should outlive its agent"
+
+    summary = sweep.run_agent(d)  # restarted: waits for the orphan, records it, runs r002
+    assert lock_holder(run1) is None
+    runs = {r["name"]: r for r in _state(d)["runs"]}
+    assert summary["started"] == 2 and sorted(runs) == ["r001", "r002"]
+    assert all(r["status"] == "finished" and isinstance(r["metric"], float) for r in runs.values())
+    epochs = [row["epoch"] for row in read_metrics(run1) if row.get("val/neg_elbo")]
+    assert epochs == ["0", "1", "2"], epochs  # each epoch validated once: one trainer only
+    ckpts = sorted(p.name for p in (run1 / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and "last.ckpt" in ckpts and not any("-v" in n for n in ckpts), ckpts
+    assert json.loads((run1 / "run.json").read_text())["pid"] == int(trainer_pid)

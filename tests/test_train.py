@@ -18,7 +18,7 @@ from km.config import compose_config
 from km.models import VAE, NonFiniteLossError
 from km.runs import epoch_metrics, read_meta, read_metrics
 from km.train import train
-from tests.conftest import DATA_DIR, needs_data, tiny
+from tests.conftest import needs_data, tiny
 
 pytestmark = needs_data
 
@@ -26,6 +26,13 @@ pytestmark = needs_data
 def _km(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, "-m", "km.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+
+
+def _killed_at(step: int, *args: str) -> subprocess.CompletedProcess:
+    """`km ARGS` SIGKILLed once training reaches `step` (tests/killer.py)."""
+    e = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "tests.killer", str(step), "km", *args], capture_output=True,
+                          text=True, env=e, timeout=600, cwd=Path(__file__).resolve().parents[1])
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +113,7 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path: Path) -> None:
     common = tiny(tmp_path, "trainer.max_epochs=3", "test_after_fit=false")
     straight = Path(train(compose_config([*common, "run_id=straight"]))["run_dir"])
     # 8 steps per epoch: step 13 is in the middle of the second epoch.
-    p = _km("train", *common, "run_id=killed", env={"KM_DEBUG_SIGKILL_AT_STEP": "13"})
+    p = _killed_at(13, "train", *common, "run_id=killed")
     assert p.returncode == -9, p.stderr[-2000:]
     killed = tmp_path / "runs" / "default" / "killed"
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
@@ -155,29 +162,6 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.undo()
     state = torch.load(path, weights_only=False)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
-
-
-def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys) -> None:
-    run = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=r", "test_after_fit=false")))["run_dir"])
-    cases = [
-        (["eval", str(run), "net.channels=[8,8,8]"], "does not match model 'vae'"),
-        (["eval", str(tmp_path / "nope")], "no such run directory or checkpoint"),
-        (["train", f"resume={tmp_path / 'nope'}"], "cannot resume"),
-        (["train", *tiny(tmp_path, "run_id=r")], "already holds a run"),
-        (["train", *tiny(tmp_path, f"data.data_dir={tmp_path / 'empty'}")], "km data download mnist"),
-        (["train", *tiny(tmp_path, "run_id=c", "data.episodes=class", model="km")], "add data.binarize=dynamic"),
-        (["train", *tiny(tmp_path, "run_id=i", "init_from=" + str(tmp_path / "nope"))], "no such run directory"),
-        (["train", *tiny(tmp_path, "run_id=j", f"init_from={run}", "net.channels=[8,8,8]")], "nets do not match"),
-    ]
-    (tmp_path / "empty").mkdir()
-    capsys.readouterr()
-    for argv, expected in cases:
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        err = capsys.readouterr().err.strip()
-        assert exc.value.code == 2, (argv, err)
-        assert err.startswith("error: ") and "\n" not in err and expected in err, (argv, err)
-    assert DATA_DIR is not None
 
 
 def test_init_from_starts_a_new_run_from_another_runs_perception_nets(tmp_path: Path, capsys) -> None:

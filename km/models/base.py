@@ -32,12 +32,26 @@ from km.memory.kanerva import NonPositiveDefiniteError
 from km.nets import Decoder, Encoder, NetConfig
 
 
-class Optimizer(str, Enum):
-    adam = "adam"  # torch.optim.Adam (KM paper)
-    rmsprop = "rmsprop"  # torch.optim.RMSprop (the K++ authors' runs, with gradient clip 5)
+class Choice(str, Enum):
+    """String options checked at config time (str mixin: members compare equal to their strings), so a typo
+    in any of them is a one-line config error naming the valid values, never a traceback mid-run."""
 
     def __str__(self) -> str:
         return self.value
+
+
+class Optimizer(Choice):
+    adam = "adam"  # torch.optim.Adam (KM paper)
+    rmsprop = "rmsprop"  # torch.optim.RMSprop (the K++ authors' runs, with gradient clip 5)
+
+
+WriteMode = Choice("WriteMode", {"batched": "batched", "online": "online"})  # same posterior; batched is faster
+
+
+def need(ok: bool, key: str, value: Any, what: str) -> None:
+    """A model option's range check (`ModelConfig.check`): ValueError with the key, its value and the rule."""
+    if not ok:
+        raise ValueError(f"bad value for 'model.{key}': {value} (must be {what})")
 
 
 @dataclass
@@ -68,6 +82,16 @@ class ModelConfig:
     code_dim: int = 64  # C: size of the latent code z that the decoder reads
     optimizer: Optimizer = Optimizer.adam
     kl_weights: KLWeights = field(default_factory=KLWeights)
+
+    def check(self) -> None:
+        """Ranges a type cannot express, checked when the config is composed (before any run directory
+        exists); each model adds its own. Raises ValueError (one line: the key, its value, the rule)."""
+        need(self.lr > 0, "lr", self.lr, "> 0")
+        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        need(self.code_dim >= 1, "code_dim", self.code_dim, ">= 1")
+        for k in ("memory", "z", "addressing", "warmup_steps"):
+            v = getattr(self.kl_weights, k)
+            need(v >= 0, f"kl_weights.{k}", v, ">= 0")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,6 +212,14 @@ class EpisodeModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cls = {Optimizer.adam: torch.optim.Adam, Optimizer.rmsprop: torch.optim.RMSprop}[Optimizer(self.cfg.optimizer)]
         return cls(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def on_train_start(self) -> None:
+        """The configured learning rate wins over the one restored with the optimiser state, so
+        `resume=RUN model.lr=...` (the advice printed when a run diverges) takes effect. On a fresh run the two
+        are equal; Adam's moment estimates are kept either way."""
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self.cfg.lr
 
     def kl_weight(self, group: str) -> float:
         """Effective training-loss weight of a KL group ('memory', 'z', 'addressing') at this step."""

@@ -43,10 +43,14 @@ from torch import nn
 
 from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal, write_online
 from km.memory.dynamic import SOLVERS
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.models.base import Choice, EpisodeModel, EpisodeOutput, ModelConfig, WriteMode, need
 from km.nets import NetConfig
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+Solver = Choice("Solver", {s: s for s in SOLVERS})
+MemoryKL = Choice("MemoryKL", {"closed": "closed", "steps": "steps"})
 
 
 @dataclass
@@ -59,20 +63,24 @@ class DKMConfig(ModelConfig):
     learn_sigma_xi: bool = False
     sigma_w0: float = 1.0  # prior std of the addressing weights
     sigma_w_init: float = 0.3  # initial posterior std of w (learned)
-    solver: str = "ridge"  # ridge | official (least squares on M M^T, see km.memory.dynamic)
-    write_mode: str = "batched"  # batched | online: same posterior
-    memory_kl: str = "closed"  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
+    solver: Solver = Solver.ridge  # ridge | official (least squares on M M^T, see km.memory.dynamic)
+    write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior
+    memory_kl: MemoryKL = MemoryKL.closed  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
     sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
+
+    def check(self) -> None:
+        super().check()
+        need(self.memory_size >= 1, "memory_size", self.memory_size, ">= 1")
+        for k in ("sigma_xi", "sigma_w0", "sigma_w_init"):
+            need(getattr(self, k) > 0, k, getattr(self, k), "> 0: a standard deviation")
+        need(self.ae_weight >= 0, "ae_weight", self.ae_weight, ">= 0")
 
 
 class DynamicKanervaMachine(EpisodeModel):
     def __init__(self, cfg: DKMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
-        for key, valid in (("write_mode", ("batched", "online")), ("memory_kl", ("closed", "steps")),
-                           ("solver", SOLVERS)):
-            if getattr(cfg, key) not in valid:
-                raise ValueError(f"model.{key} must be one of {', '.join(valid)}; got {getattr(cfg, key)!r}")
+        cfg.check()
         self.memory = DynamicMemory(cfg.memory_size, cfg.code_dim, sigma_xi=cfg.sigma_xi,
                                     learn_sigma_xi=cfg.learn_sigma_xi, sigma_w0=cfg.sigma_w0,
                                     sigma_w_init=cfg.sigma_w_init, solver=cfg.solver)

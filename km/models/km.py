@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from km.memory import KanervaMemory, MemoryState, log_prob_matrix_normal
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, WriteMode, need
 from km.nets import NetConfig
 
 LOG_2PI = math.log(2 * math.pi)
@@ -86,10 +86,17 @@ class KMConfig(ModelConfig):
     hidden: int = 256  # width of f and of the q(z | x, y, M) network
     sigma_xi: float = 1.0  # observation noise of memory reads/writes (initial value if learned)
     learn_sigma_xi: bool = True
-    write_mode: str = "batched"  # batched | online: same posterior, batched is the fast one
+    write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior, batched is the fast one
     sample_memory: bool = False  # False: exact expectation over q(M|X) (default); True: one M ~ q(M|X)
     kl_y_free_bits: float = 0.0  # training loss only: KL(q(y)||p(y)) counted as max(KL, this) per dimension
     start_as_vae: bool = True  # init q(y) = p(y) and small addresses, so step 0 scores like the VAE it extends
+
+    def check(self) -> None:
+        super().check()
+        for k in ("memory_size", "y_dim", "addr_dim", "hidden"):
+            need(getattr(self, k) >= 1, k, getattr(self, k), ">= 1")
+        need(self.sigma_xi > 0, "sigma_xi", self.sigma_xi, "> 0: the observation noise of the memory")
+        need(self.kl_y_free_bits >= 0, "kl_y_free_bits", self.kl_y_free_bits, ">= 0")
 
 
 class KanervaMachine(EpisodeModel):
@@ -97,8 +104,7 @@ class KanervaMachine(EpisodeModel):
 
     def __init__(self, cfg: KMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
-        if cfg.write_mode not in ("batched", "online"):
-            raise ValueError(f"model.write_mode must be 'batched' or 'online', got {cfg.write_mode!r}")
+        cfg.check()
         E, K, C = self.encoder.out_dim, cfg.memory_size, cfg.code_dim
         self.memory = KanervaMemory(K, C, sigma_xi=cfg.sigma_xi, learn_sigma_xi=cfg.learn_sigma_xi)
         self.q_y = nn.Linear(E, 2 * cfg.y_dim)  # -> (mu_y, log sigma_y)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from km.memory.block import BlockMemoryWriter, key_to_theta, read_windows
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, need
 from km.models.km import gaussian_kl, gaussian_log_prob
 from km.nets import NetConfig
 
@@ -46,16 +46,20 @@ class KPPConfig(ModelConfig):
     read_steps: int = 3  # iterative read inference steps refining the keys (0: keys from e(x) only)
     hidden: int = 256
 
+    def check(self) -> None:
+        super().check()
+        for k in ("mem_channels", "mem_size", "hidden"):
+            need(getattr(self, k) >= 1, k, getattr(self, k), ">= 1")
+        need(1 <= self.window <= self.mem_size, "window", self.window, f"in [1, model.mem_size = {self.mem_size}]")
+        need(self.read_steps >= 0, "read_steps", self.read_steps, ">= 0")
+
 
 class KanervaPlusPlus(EpisodeModel):
     z_head = "q_z"  # carried by init_from with the encoder and decoder
 
     def __init__(self, cfg: KPPConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
-        if not 1 <= cfg.window <= cfg.mem_size:
-            raise ValueError(f"model.window must be in [1, model.mem_size={cfg.mem_size}], got {cfg.window}")
-        if cfg.read_steps < 0:
-            raise ValueError(f"model.read_steps must be >= 0, got {cfg.read_steps}")
+        cfg.check()
         E, C, H = self.encoder.out_dim, cfg.code_dim, cfg.hidden
         win = cfg.mem_channels * cfg.window**2
         self.writer = BlockMemoryWriter(E, cfg.mem_channels, cfg.mem_size, H)

@@ -27,7 +27,7 @@ from torch import nn
 
 from km.memory import MemoryState, log_prob_matrix_normal
 from km.memory.product import ProductMemory, kl_machine_weights, machine_weights
-from km.models.base import EpisodeOutput
+from km.models.base import EpisodeOutput, need
 from km.models.km import KanervaMachine, KMConfig, gaussian_kl, gaussian_log_prob
 from km.nets import NetConfig
 
@@ -39,12 +39,17 @@ class PKMConfig(KMConfig):
     machines: int = 4  # P
     top_k: int = 0  # 0: soft weights over all machines; k: only the k largest per item (sparse)
 
+    def check(self) -> None:
+        super().check()
+        need(self.machines >= 1, "machines", self.machines, ">= 1")
+        need(self.memory_size % self.machines == 0, "memory_size", self.memory_size,
+             f"a multiple of model.machines = {self.machines}: each machine gets memory_size / machines slots")
+        need(0 <= self.top_k <= self.machines, "top_k", self.top_k, f"in [0, model.machines = {self.machines}]")
+
 
 class ProductKanervaMachine(KanervaMachine):
     def __init__(self, cfg: PKMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
-        if cfg.machines < 1 or cfg.memory_size % cfg.machines:
-            raise ValueError(f"model.memory_size ({cfg.memory_size}) must be a multiple of model.machines "
-                             f"({cfg.machines}): each machine gets memory_size / machines slots")
+        cfg.check()
         super().__init__(cfg, net, image_shape, likelihood)
         P = cfg.machines
         self.memory = ProductMemory(P, cfg.memory_size // P, cfg.code_dim, sigma_xi=cfg.sigma_xi,
