@@ -6,25 +6,31 @@
 
 from __future__ import annotations
 
-from .base import InMemoryDataModule
-from .cifar10 import CIFAR10DataModule
-from .episodes import EpisodeLoader
-from .mnist import MNISTDataModule
-from .omniglot import OmniglotDataModule
+import importlib
+from typing import Any
+
+from .catalog import NAMES
 from .paths import DataError, resolve_data_dir
 
-DATAMODULES: dict[str, type[InMemoryDataModule]] = {
-    "mnist": MNISTDataModule,
-    "omniglot": OmniglotDataModule,
-    "cifar10": CIFAR10DataModule,
-}
+# The torch-using names load on first use (PEP 562), so `from datamodules import DataError` stays cheap.
+_LAZY = {"InMemoryDataModule": ".base", "CIFAR10DataModule": ".cifar10", "EpisodeLoader": ".episodes",
+         "MNISTDataModule": ".mnist", "OmniglotDataModule": ".omniglot"}
+_CLASSES = {"mnist": "MNISTDataModule", "omniglot": "OmniglotDataModule", "cifar10": "CIFAR10DataModule"}
 
 
-def build_datamodule(name: str, **kwargs) -> InMemoryDataModule:
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name == "DATAMODULES":
+        return {n: __getattr__(c) for n, c in _CLASSES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_datamodule(name: str, **kwargs) -> Any:
     """Construct the data module called ``name`` (no data are loaded until ``setup``)."""
-    if name not in DATAMODULES:
-        raise ValueError(f"unknown data set {name!r}; choose from {sorted(DATAMODULES)}")
-    return DATAMODULES[name](**kwargs)
+    if name not in _CLASSES:
+        raise ValueError(f"unknown data set {name!r}; choose from {NAMES}")
+    return __getattr__(_CLASSES[name])(**kwargs)
 
 
 __all__ = [

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from .base import InMemoryDataModule, carve_val
+from .catalog import CIFAR_LABELS as LABELS
+from .catalog import CIFAR_TEST_SHARD as TEST_SHARD
+from .catalog import CIFAR_TRAIN_SHARDS as TRAIN_SHARDS
 from .paths import DataFiles, cache_dir, cached_md5
 
-TRAIN_SHARDS = [f"cifar10/train_{k}.npy.xz" for k in range(5)]
-TEST_SHARD = "cifar10/test.npy.xz"
-LABELS = "cifar10/labels.npz"
 SHARD_SHAPE = (10_000, 32, 32, 3)
 
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from .base import InMemoryDataModule
+from .catalog import MNIST_NPZ as NPZ  # noqa: E402
+from .catalog import MNIST_TRAIN_IMAGES as TRAIN_IMAGES  # noqa: E402
+from .catalog import MNIST_TRAIN_LABELS as TRAIN_LABELS  # noqa: E402
 from .paths import DataFiles
 
-NPZ = "binarized_mnist/binarized_mnist.npz"
-TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte.gz"
-TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte.gz"
 VALID_SOURCES = Path(__file__).with_name("mnist_valid_sources.npy")  # MNIST train indices behind Larochelle valid
 TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)  # digits 0..9 of MNIST t10k
 

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import InMemoryDataModule, bernoulli_fixed, carve_val
+from .catalog import OMNIGLOT_BACKGROUND as BACKGROUND  # noqa: E402
+from .catalog import OMNIGLOT_EVALUATION as EVALUATION  # noqa: E402
 from .paths import DataFiles
-
-BACKGROUND = "omniglot/images_background.npz"
-EVALUATION = "omniglot/images_evaluation.npz"
 
 
 def read_images(path: Path) -> np.ndarray:

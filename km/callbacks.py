@@ -6,6 +6,8 @@
   samples from the episode's memory, saved under samples/ and logged to W&B.
 - `AtomicCheckpointIO`: checkpoint written to a temp file in the same folder, fsynced, then
   renamed over the old one: a kill during the write leaves the previous checkpoint loadable.
+- `MetricsCSV`: the run's metrics.csv as a Lightning logger, continued across resumes.
+- `ProgressLines`: without a progress bar, a line every 30 s (step, loss, rate, ETA), training and test.
 - `EpochSummary`: one plain line per epoch when no progress bar is shown (CI logs, pipes).
 """
 
@@ -21,7 +23,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
+
+from km.runs import append_metrics
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -100,6 +106,94 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             free = free_bytes(Path(path).parent)
             raise RunError(f"cannot write checkpoint {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:120]}"
                            f" ({free / 2**20:.0f} MiB free there); free space, then resume") from None
+
+
+class MetricsCSV(Logger):
+    """The run's metrics.csv through Lightning's public Logger interface (`km.runs.append_metrics` writes it):
+    continued across resumes, where Lightning's CSVLogger would start the file anew."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self._rows: list[dict[str, Any]] = []
+
+    @property
+    def name(self) -> str:
+        return "metrics.csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # config.yaml holds them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._rows.append({**row, "step": step if step is not None else len(self._rows)})
+
+    @rank_zero_only
+    def save(self) -> None:
+        rows, self._rows = self._rows, []
+        append_metrics(self.run_dir, rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressLines(pl.Callback):
+    """Progress where no progress bar can be drawn (a log file, a batch job): a line every `interval` seconds
+    with the step, the loss, the rate and the time left, in training and in test passes. Epochs are counted
+    from 1 in every line a user reads (file names keep Lightning's 0-based `epochNNN`)."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._t0 = self._last = 0.0
+        self._done0 = 0
+
+    def _start(self, done: int) -> None:
+        self._t0 = self._last = time.time()
+        self._done0 = done
+
+    def _line(self, done: int, total: int, what: str, extra: str = "") -> None:
+        now = time.time()
+        if now - self._last < self.interval or total <= 0:
+            return
+        self._last = now
+        rate = (done - self._done0) / max(now - self._t0, 1e-9)
+        eta = _duration((total - done) / rate) if rate > 0 else "?"
+        print(f"{what} {done}/{total}{extra} | {rate:.2f}/s | ETA {eta}", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.num_training_batches * trainer.max_epochs
+        loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+        extra = f" (epoch {trainer.current_epoch + 1}/{trainer.max_epochs})" + (
+            f" | loss {float(loss):.3f}" if loss is not None else "")
+        self._line(trainer.global_step, int(total), "step", extra)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start(0)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        total = trainer.num_test_batches[dataloader_idx] if trainer.num_test_batches else 0
+        self._line(batch_idx + 1, int(total), "test batch")
 
 
 class EpochSummary(pl.Callback):

@@ -124,12 +124,13 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from datamodules import DATAMODULES, resolve_data_dir
+    from datamodules import resolve_data_dir
+    from datamodules.catalog import DEFAULT_FILES, NAMES
 
-    names = args.names or sorted(DATAMODULES)
+    names = args.names or NAMES
     for n in names:
-        if n not in DATAMODULES:
-            _fail(f"unknown data set '{n}'; valid: {', '.join(sorted(DATAMODULES))}")
+        if n not in DEFAULT_FILES:
+            _fail(f"unknown data set '{n}'; valid: {', '.join(NAMES)}")
     if args.action == "download":
         from datamodules.download import download
 
@@ -138,10 +139,13 @@ def cmd_data(args: argparse.Namespace) -> None:
             download(n, root)
             print(f"{n}: downloaded into {root}")
         return
-    for n in names:
-        dm = DATAMODULES[n](data_dir=args.dir)
-        dm.verify(fresh=True)  # a check hashes every file: a cached md5 cannot vouch for a file changed in place
-        print(f"{n}: ok ({dm.data_dir})")
+    from datamodules.paths import DataFiles
+
+    for n in names:  # a check hashes every file: a cached md5 cannot vouch for a file changed in place
+        files = DataFiles(n, args.dir)
+        for rel in DEFAULT_FILES[n]:
+            files.verified(rel, fresh=True)
+        print(f"{n}: ok ({files.root})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,14 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    from km.config import ConfigError
-    from km.runs import RunError
-
-    try:
-        from datamodules import DataError
-    except ImportError:  # pragma: no cover
-        DataError = RunError  # type: ignore[misc,assignment]
-    from km.models import NonFiniteLossError
+    from datamodules import DataError  # these four are torch-free: a command that does not train stays fast
+    from km.overrides import ConfigError
+    from km.runs import NonFiniteLossError, RunError
 
     try:
         args.func(args)

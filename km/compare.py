@@ -79,13 +79,14 @@ import math
 import os
 import re
 import shlex
-import shutil
 import statistics
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+from km.runs import atomic_write_text, epoch_metrics, read_json, read_metrics, steps_by_epoch
 
 MAIN_METRIC = "test/neg_elbo"
 CURVE_METRIC = "val/neg_elbo"
@@ -130,11 +131,8 @@ def _walk_runs(root: Path) -> list[Path]:
 def _sweep_runs(sweep: Path) -> list[Path]:
     """run_dir values of state.json's runs (a list or a dict of dicts); relative paths are tried
     against the working directory, the sweep directory and its parents."""
-    try:
-        state = json.loads((sweep / "state.json").read_text())
-    except (OSError, ValueError):
-        return []
-    runs = state.get("runs") if isinstance(state, dict) else state
+    state = read_json(sweep / "state.json") or {}
+    runs = state.get("runs")
     if isinstance(runs, dict):
         runs = list(runs.values())
     out: list[Path] = []
@@ -194,14 +192,6 @@ def _get(cfg: dict[str, Any], dotted: str, default: Any = None) -> Any:
     return cur
 
 
-def _read_json(p: Path) -> dict[str, Any] | None:
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
 def _finite(v: Any) -> float | None:
     try:
         f = float(v)
@@ -215,46 +205,19 @@ def _count(v: Any) -> int | None:
     return int(f) if f is not None else None
 
 
-def read_curves(metrics_csv: Path, prefix: str = "val/") -> dict[str, list[list[float]]]:
-    """{metric: [[epoch, value], ...]} for every `prefix` column of a CSVLogger metrics.csv (rows
-    are sparse: a value counts only where present; a repeated epoch keeps its last value)."""
-    per: dict[str, dict[int, float]] = {}
-    try:
-        with open(metrics_csv, newline="") as f:
-            for rec in csv.DictReader(f):
-                ep = _finite(rec.get("epoch"))
-                if ep is None:
-                    continue
-                for k, v in rec.items():
-                    if k and k.startswith(prefix) and v not in (None, ""):
-                        fv = _finite(v)
-                        if fv is not None:
-                            per.setdefault(k, {})[int(ep)] = fv
-    except (OSError, csv.Error):
-        return {}
-    return {k: [[e, d[e]] for e in sorted(d)] for k, d in per.items()}
+def read_curves(rows: list[dict[str, str]], prefix: str = "val/") -> dict[str, list[list[float]]]:
+    """{metric: [[epoch, value], ...]} for every `prefix` column of a run's metrics.csv rows (`read_metrics`;
+    rows are sparse: a value counts only where present; a repeated epoch keeps its last value)."""
+    keys = sorted({k for r in rows for k in r if k and k.startswith(prefix)})
+    curves = {k: epoch_metrics(Path(), k, rows) for k in keys}
+    return {k: [[e, d[e]] for e in sorted(d)] for k, d in curves.items() if d}
 
 
-def steps_by_epoch(metrics_csv: Path) -> dict[int, int]:
-    """{epoch: optimiser steps done at its end} from metrics.csv (Lightning logs an epoch's metrics at
-    global step - 1, so the step count is the epoch's largest logged `step` + 1)."""
-    last: dict[int, int] = {}
-    try:
-        with open(metrics_csv, newline="") as f:
-            for rec in csv.DictReader(f):
-                ep, st = _finite(rec.get("epoch")), _finite(rec.get("step"))
-                if ep is not None and st is not None:
-                    last[int(ep)] = max(last.get(int(ep), -1), int(st) + 1)
-    except (OSError, csv.Error):
-        return {}
-    return last
-
-
-def _budget(run_dir: Path, ev: dict[str, Any] | None) -> tuple[float | None, float | None]:
+def _budget(rows: list[dict[str, str]], ev: dict[str, Any] | None) -> tuple[float | None, float | None]:
     """(steps trained, step of the evaluated checkpoint): metrics.csv is the record of training; eval.json's
     `steps` / `checkpoint_step` (or its checkpoint `epoch`) where metrics.csv says nothing."""
     ev = ev or {}
-    by_epoch = steps_by_epoch(run_dir / "metrics.csv")
+    by_epoch = steps_by_epoch(Path(), rows)
     trained = max(by_epoch.values()) if by_epoch else _finite(ev.get("steps"))
     ckpt = _finite(ev.get("checkpoint_step"))
     epoch = _count(ev.get("epoch"))
@@ -274,12 +237,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         cfg = {}
     if not isinstance(cfg, dict):
         cfg = {}
-    meta = _read_json(run_dir / "run.json") or {}
-    ev = _read_json(run_dir / "eval.json")
+    meta = read_json(run_dir / "run.json") or {}
+    ev = read_json(run_dir / "eval.json")
     metrics = {}
     if ev and isinstance(ev.get("metrics"), dict):
         metrics = {k: f for k, v in ev["metrics"].items() if (f := _finite(v)) is not None}
-    steps, checkpoint_step = _budget(run_dir, ev)  # one read of metrics.csv
+    rows = read_metrics(run_dir)  # one read of metrics.csv: budget and curves
+    steps, checkpoint_step = _budget(rows, ev)
     return {
         "run_dir": str(run_dir),
         "name": cfg.get("name", meta.get("name")),
@@ -301,7 +265,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "checkpoint_step": checkpoint_step,
         "train_seconds": _finite((ev or {}).get("train_seconds")),
         "metrics": metrics,
-        "curves": read_curves(run_dir / "metrics.csv"),
+        "curves": read_curves(rows),
         "config": cfg,
     }
 
@@ -340,10 +304,7 @@ def collect_wandb(project: str, curve_metric: str = CURVE_METRIC) -> list[dict[s
     rows = []
     for r in runs:
         cfg = dict(r.config)
-        try:
-            summary = dict(r.summary._json_dict)
-        except AttributeError:
-            summary = {k: r.summary[k] for k in r.summary.keys()}
+        summary = {k: r.summary[k] for k in r.summary.keys()}  # the public mapping interface
         data = _get(cfg, "data.name") or "?"
         curve: list[list[float]] = []
         try:
@@ -920,15 +881,7 @@ def write_doc(path: Path, block: str) -> None:
     except FileNotFoundError:
         old = None
     new = splice_doc(old, block, path)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(new)
-        if old is not None:
-            shutil.copymode(real, tmp)
-        os.replace(tmp, real)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(real, new)
 
 
 def write_csv(agg: dict[str, Any], path: Path) -> None:

@@ -69,6 +69,7 @@ class TrainerConfig:
     deterministic: bool = False
     progress_bar: ProgressBar = ProgressBar.auto  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    progress_interval: float = 30.0  # seconds between progress lines when no bar is drawn (log files, batch jobs)
 
 
 @dataclass
@@ -190,6 +191,7 @@ RANGES = {
     "trainer.num_sanity_val_steps": (lambda v: v >= -1, ">= 0 (or -1: all)"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
     "trainer.num_threads": (lambda v: v >= 1, ">= 1 (or null: torch's default)"),
+    "trainer.progress_interval": (lambda v: v > 0, "> 0 seconds"),
     "checkpoint.save_top_k": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: every epoch)"),
     "checkpoint.every_n_epochs": (lambda v: v >= 1, ">= 1"),
     "name": (lambda v: SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),

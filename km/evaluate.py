@@ -22,7 +22,7 @@ def load_run(target: str | Path, overrides: list[str] | None = None, map_locatio
     """A run dir or checkpoint -> (cfg, run_dir, ckpt path, datamodule, model with weights loaded).
 
     `dm`: an already loaded data module of this run (saves loading the data again after training)."""
-    from km.train import build_datamodule, build_model
+    from km.build import build_datamodule, build_model
 
     run_dir, ckpt = locate(target)
     state = load_checkpoint(ckpt, map_location)
@@ -92,7 +92,7 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
 
     With `eval.class_episodes` the test split is scored a second time on class-structured episodes
     (`data.classes_per_episode` classes each, fixed by `data.eval_seed`), reported as `test_class/*`."""
-    from km.train import build_datamodule, quiet_lightning
+    from km.build import build_datamodule, quiet_lightning
 
     if split not in ("test", "val"):
         raise RunError(f"unknown split '{split}'; valid: test, val")
@@ -100,9 +100,13 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
     cfg, run_dir, ckpt, dm, model = load_run(target, overrides, dm=dm)
     if is_samples is not None:
         model.is_samples = is_samples
+    from km.callbacks import ProgressLines
+
+    bar = sys.stderr.isatty() and str(cfg.trainer.progress_bar) != "none"
     trainer = pl.Trainer(accelerator=accelerator if accelerator != "auto" else cfg.trainer.accelerator,
                          devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=sys.stderr.isatty(), use_distributed_sampler=False)
+                         enable_progress_bar=bar, use_distributed_sampler=False,
+                         callbacks=[] if bar else [ProgressLines(cfg.trainer.progress_interval)])
     t0 = time.time()
     metrics, episodes = _test_once(trainer, model, dm, split, cfg.seed + 424242)
     kinds = {split: {"episodes": episodes, "eval_episodes": str(cfg.data.eval_episodes)}}

@@ -13,7 +13,9 @@ runs/<name>/<run_id>/
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import secrets
 import time
@@ -24,6 +26,11 @@ from typing import Any, BinaryIO
 
 class RunError(RuntimeError):
     """A problem with a run directory or checkpoint: one-line message for the user."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A diverged run: a NaN / infinite loss, or a memory that no jitter makes positive definite (exit code 3).
+    Raised by the training step (`km.models.base`); defined here, torch-free, for the CLI to catch."""
 
 
 TMP_GLOB = ".*.tmp-*"  # the temp files of atomic_write: .<name>.tmp-<pid>
@@ -149,13 +156,19 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def read_meta(run_dir: Path) -> dict[str, Any]:
-    p = Path(run_dir) / "run.json"
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when it is missing, unreadable or not an object (the one JSON reader of
+    run files: run.json, eval.json, state.json readers build on it)."""
     try:
-        meta = json.loads(p.read_text()) if p.exists() else {}
-    except ValueError:  # damaged from outside (we write it atomically): start its record anew
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """run.json ({} when missing, or damaged from outside: we write it atomically, so its record starts anew)."""
+    return read_json(Path(run_dir) / "run.json") or {}
 
 
 def write_meta(run_dir: Path, **updates: Any) -> dict[str, Any]:
@@ -257,26 +270,80 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
         header, rows = reader.fieldnames or [], list(reader)
     keep = [r for r in rows if (not r.get("epoch") or int(float(r["epoch"])) <= last_epoch)
             and not any(k.startswith("test") and v not in (None, "") for k, v in r.items() if k)]
-    tmp = path.with_name(".metrics.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
+    if keep == rows:
+        return
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=header)
+    w.writeheader()
+    w.writerows(keep)
+    atomic_write_text(path, buf.getvalue())
+
+
+def append_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a run's metrics.csv (the one writer of it). The header is the sorted union of every key
+    seen; a row with a new key rewrites the file under the wider header (atomically), as Lightning's CSV writer
+    does, and otherwise rows are appended. An existing file (a resumed run) is continued, never replaced."""
+    if not rows:
+        return
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except FileNotFoundError:
+        header = []
+    keys = sorted(set(header).union(*rows))
+    if header and keys != header:  # a new metric: every earlier row is kept under the wider header
+        old = read_metrics(run_dir)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys, restval="")
         w.writeheader()
-        w.writerows(keep)
-    os.replace(tmp, path)
+        w.writerows(old + rows)
+        atomic_write_text(path, buf.getvalue())
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, restval="")
+        if not header:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv (CSVLogger: sparse rows, one column per metric); [] when it is missing
+    or unreadable (e.g. being rewritten while a sweep agent polls it). The one reader of metrics.csv."""
     path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
-def epoch_metrics(run_dir: Path, key: str) -> dict[int, float]:
-    """{epoch: value} of one epoch-level metric from metrics.csv."""
+def _number(v: str | None) -> float | None:
+    try:
+        f = float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+    return f if f is not None and math.isfinite(f) else None
+
+
+def epoch_metrics(run_dir: Path, key: str, rows: list[dict[str, str]] | None = None) -> dict[int, float]:
+    """{epoch: value} of one epoch-level metric (the last value logged in each epoch); `rows`: read_metrics'
+    output, when the caller has it already."""
     out = {}
-    for r in read_metrics(run_dir):
-        if r.get(key):
-            out[int(float(r["epoch"]))] = float(r[key])
+    for r in read_metrics(run_dir) if rows is None else rows:
+        ep, v = _number(r.get("epoch")), _number(r.get(key))
+        if ep is not None and v is not None:
+            out[int(ep)] = v
     return out
+
+
+def steps_by_epoch(run_dir: Path, rows: list[dict[str, str]] | None = None) -> dict[int, int]:
+    """{epoch: optimiser steps done at its end} (Lightning logs an epoch's metrics at global step - 1, so the
+    step count is the epoch's largest logged `step` + 1)."""
+    last: dict[int, int] = {}
+    for r in read_metrics(run_dir) if rows is None else rows:
+        ep, st = _number(r.get("epoch")), _number(r.get("step"))
+        if ep is not None and st is not None:
+            last[int(ep)] = max(last.get(int(ep), -1), int(st) + 1)
+    return last

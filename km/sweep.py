@@ -200,10 +200,9 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
 
 
 def write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
-    p = Path(sweep_dir) / STATE
-    tmp = p.with_name(f".{STATE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, p)
+    from km.runs import atomic_write_text
+
+    atomic_write_text(Path(sweep_dir) / STATE, json.dumps(state, indent=2))
 
 
 @contextmanager
@@ -429,19 +428,9 @@ def _run_dir(cmd: list[str], sweep_name: str, run_name: str) -> Path:
 
 def read_history(run_dir: Path, key: str | None) -> list[float]:
     """Epoch-level values of `key` from metrics.csv, in epoch order (last value per epoch)."""
-    import csv
+    from km.runs import epoch_metrics
 
-    p = run_dir / "metrics.csv"
-    if not key or not p.exists():
-        return []
-    out: dict[int, float] = {}
-    try:
-        with open(p, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get(key) and row.get("epoch"):
-                    out[int(float(row["epoch"]))] = float(row[key])
-    except (OSError, ValueError, csv.Error):  # being rewritten: try again at the next poll
-        return []
+    out = epoch_metrics(run_dir, key) if key else {}
     return [out[e] for e in sorted(out)]
 
 
@@ -450,14 +439,11 @@ def read_metric(run_dir: Path, spec: dict[str, Any]) -> float | None:
     name, goal = _metric_of(spec)
     if not name:
         return None
-    ev = run_dir / "eval.json"
-    if ev.exists():
-        try:
-            v = json.loads(ev.read_text()).get("metrics", {}).get(name)
-            if v is not None:
-                return float(v)
-        except (OSError, ValueError):
-            pass
+    from km.runs import read_json
+
+    v = ((read_json(run_dir / "eval.json") or {}).get("metrics") or {}).get(name)
+    if isinstance(v, (int, float)):
+        return float(v)
     hist = read_history(run_dir, name)
     if hist:
         return max(hist) if goal == "maximize" else min(hist)
@@ -546,11 +532,9 @@ def wait_for_trainer(run_dir: Path, name: str, poll: float = 2.0) -> bool:
 
 
 def _finished(run_dir: Path) -> bool:
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("status") == "finished" and (run_dir / "eval.json").exists()
+    from km.runs import read_meta
+
+    return read_meta(run_dir).get("status") == "finished" and (run_dir / "eval.json").exists()
 
 
 def _record_outcome(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], run_dir: Path, code: int,

@@ -6,12 +6,9 @@ serve episodes; everything about run directories, checkpoints and logging happen
 
 from __future__ import annotations
 
-import csv
-import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +17,30 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from km import wandb_env
-from km.callbacks import AtomicCheckpointIO, EpochSeed, EpochSummary, SampleGrid, seed_all
+from km.build import (  # noqa: F401 - re-exported: km.train.build_model etc. keep working
+    build_datamodule,
+    build_model,
+    init_weights_from,
+    plain_batches_for_memoryless,
+    quiet_lightning,
+)
+from km.callbacks import (
+    AtomicCheckpointIO,
+    EpochSeed,
+    EpochSummary,
+    MetricsCSV,
+    ProgressLines,
+    SampleGrid,
+    seed_all,
+)
 from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
-from km.models import MODELS, EpisodeModel, NonFiniteLossError
+from km.models import EpisodeModel, NonFiniteLossError
 from km.runs import (
     RunError,
     RunLock,
     atomic_write_text,
     last_checkpoint,
     load_checkpoint,
-    locate,
     mark_failed,
     new_run_id,
     read_meta,
@@ -40,106 +51,11 @@ from km.runs import (
 )
 
 
-def quiet_lightning() -> None:
-    """Keep the console for our own messages: Lightning's tips and PossibleUserWarnings off."""
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*is deprecated.*", category=DeprecationWarning)
-
-
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    import inspect
-
-    from datamodules import DATAMODULES
-    from km.config import ConfigError, DataConfig
-
-    cls = DATAMODULES.get(cfg.data.name)
-    if cls is None:
-        raise ConfigError(f"unknown data set '{cfg.data.name}'; valid: {', '.join(sorted(DATAMODULES))}")
-    accepted = {n for c in cls.__mro__ for n in inspect.signature(c.__init__).parameters} if cls else set()
-    kw: dict[str, Any] = {}
-    for k, v in to_dict(cfg.data).items():
-        if k == "name" or (k == "val_size" and v is None):
-            continue
-        if k in accepted:
-            kw[k] = v
-        elif v != getattr(DataConfig, k):
-            raise ConfigError(f"data.{k}={v} does not apply to {cfg.data.name}")
-    return cls(seed=cfg.seed, **kw)
-
-
-def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: str) -> EpisodeModel:
-    cls = MODELS[cfg.model.name][0]
-    model_cfg = OmegaConf.to_object(cfg.model)  # the model's dataclass, nested ones (kl_weights) included
-    net = OmegaConf.to_object(cfg.net)
-    model = cls(model_cfg, net, image_shape, likelihood)
-    model.km_config = to_dict(cfg)
-    model.is_samples = cfg.eval.is_samples
-    model.heldout_targets = cfg.eval.heldout_targets
-    return model
-
-
-def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
-    """Warm start: copy the shared perception nets (encoder, decoder) and the bottom-up z head
-    (`EpisodeModel.z_head`, e.g. VAE `q_z` -> KM `q_z_bottom`) from another run's checkpoint.
-    Everything else (memory, addressing, ...) keeps its fresh initialisation. Returns (checkpoint, summary line)."""
-    _, ckpt = locate(source)
-    try:
-        state = load_checkpoint(ckpt)
-    except RunError as e:
-        raise RunError(f"init_from={source}: {e}") from None
-    weights = state["state_dict"]
-    src_cfg = state.get("km_config") or {}  # the source run's resolved config
-    src_model = (src_cfg.get("model") or {}).get("name")
-    src_head = MODELS[src_model][0].z_head if src_model in MODELS else None
-    pairs = [(k, k) for k in weights if k.split(".", 1)[0] in ("encoder", "decoder")]
-    if src_head and model.z_head:
-        pairs += [(f"{src_head}.{p}", f"{model.z_head}.{p}") for p in ("weight", "bias")]
-    own = model.state_dict()
-    missing = [d for _, d in pairs if d not in own] + [k for k in own if k.split(".", 1)[0] in ("encoder", "decoder")
-                                                       and k not in weights]
-    bad = [f"{d} {tuple(weights[s].shape)} -> {tuple(own[d].shape)}" for s, d in pairs
-           if d in own and weights[s].shape != own[d].shape]
-    if missing or bad:
-        hint = (f" (source run: net={src_cfg.get('net')}, model.code_dim={(src_cfg.get('model') or {}).get('code_dim')})"
-                if src_cfg else "")
-        raise RunError(f"init_from={source}: the nets do not match{hint}: "
-                       + "; ".join((bad + [f"{k} missing" for k in missing])[:4]) + " - use the same net and code_dim")
-    with torch.no_grad():
-        for s, d in pairs:
-            own[d].copy_(weights[s])
-    heads = f", {src_head} -> {model.z_head}" if src_head and model.z_head else ""
-    return ckpt, f"initialised encoder, decoder{heads} from {ckpt} ({src_model or 'unknown model'}, {len(pairs)} tensors)"
-
-
-def plain_batches_for_memoryless(cfg: DictConfig) -> None:
-    """A model without an episode-level latent (VAE) trains on iid batches: `data.episodes=class` groups
-    a minibatch into few classes, which handicaps such a model and biases any comparison against it.
-    Test episodes (`data.eval_episodes`) are untouched, so every model is scored on the same episodes."""
-    if not MODELS[cfg.model.name][0].episodic and str(cfg.data.episodes) == "class":
-        cfg.data.episodes = "iid"
-        print(f"model={cfg.model.name} has no episode memory: it trains on iid batches "
-              "(data.episodes=class applies to memory models only)", file=sys.stderr)
-
-
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
-    from pytorch_lightning.loggers import CSVLogger
-    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-
-    class AppendingWriter(ExperimentWriter):
-        """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it."""
-
-        def _check_log_dir_exists(self) -> None:
-            if self._fs.isfile(self.metrics_file_path):
-                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                    self.metrics_keys = sorted(next(csv.reader(f), []))
-
-    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
-    csv_logger._experiment = AppendingWriter(log_dir=str(run_dir))
-    loggers: list[Any] = [csv_logger]
+    """metrics.csv always (`MetricsCSV`); W&B unless disabled. The W&B run is started here with `wandb.init`
+    and handed to Lightning's WandbLogger (its public `experiment=` argument), so a failure to start falls
+    back to offline here, never mid-training."""
+    loggers: list[Any] = [MetricsCSV(run_dir)]
     mode = wandb_env.mode(str(cfg.logger.mode) if cfg.logger.mode else None) if cfg.logger.wandb else "disabled"
     if mode == "disabled" or os.environ.get("LOCAL_RANK", "0") != "0":
         return loggers
@@ -152,15 +68,12 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
 
     def make(m: str) -> WandbLogger:
         os.environ["WANDB_MODE"] = m
-        lg = WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{cfg.run_id}",
-            id=wandb_id, save_dir=str(run_dir), offline=(m == "offline"), resume="allow",
-            tags=list(cfg.logger.tags), config=to_dict(cfg),
+        run = wandb.init(
+            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{cfg.run_id}", id=wandb_id,
+            dir=str(run_dir), mode=m, resume="allow", tags=list(cfg.logger.tags), config=to_dict(cfg),
             settings=wandb.Settings(console="off", init_timeout=60, silent=True),
         )
-        lg._wandb_init.pop("anonymous", None)  # Lightning passes a key wandb now warns about
-        _ = lg.experiment  # start now so a failure falls back here, not mid-training
-        return lg
+        return WandbLogger(experiment=run, save_dir=str(run_dir))
 
     try:
         lg = make(mode)
@@ -184,7 +97,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
 # printed when a run diverges), where the data live and which devices train. Anything else would continue the
 # run as a different experiment under its old name: refused in one line before anything is written.
 RESUMABLE = ("trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val", "trainer.log_every_n_steps",
-             "trainer.progress_bar", "trainer.num_threads", "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
+             "trainer.progress_bar", "trainer.progress_interval", "trainer.num_threads", "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
              "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "logger.", "eval.",
              "model.lr", "test_after_fit", "runs_dir", "data.data_dir", "data.test_episodes", "data.eval_episodes")
 
@@ -339,7 +252,7 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
             truncate_metrics(run_dir, start_epoch - 1)
         print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
 
-    trainer, grid = make_trainer(cfg, run_dir, wandb_id)
+    trainer, grid = make_trainer(cfg, run_dir, wandb_id, steps_per_epoch=len(dm.episodes("train")))
     t_fit = time.time()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
@@ -388,17 +301,23 @@ def _log_test_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 
 def _finish_wandb(trainer: pl.Trainer, failed: bool = False) -> None:
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
-            lg._experiment.finish(exit_code=1 if failed else 0)
-            if lg._offline:
-                print(f"W&B offline run saved; upload later with: wandb sync {lg._experiment.dir.rsplit('/files', 1)[0]}",
+        if type(lg).__name__ == "WandbLogger":
+            run = lg.experiment  # started by make_loggers, so this never starts one
+            offline = run.settings.mode in ("offline", "dryrun")
+            run.finish(exit_code=1 if failed else 0)
+            if offline:
+                print(f"W&B offline run saved; upload later with: wandb sync {run.dir.rsplit('/files', 1)[0]}",
                       file=sys.stderr)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trainer, SampleGrid]:
+def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str,
+                 steps_per_epoch: int | None = None) -> tuple[pl.Trainer, SampleGrid]:
+    """The Lightning trainer of a run. `steps_per_epoch` caps the logging interval, so a short epoch logs its
+    training loss too (and Lightning has nothing to warn about)."""
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
     t = cfg.trainer
+    log_every = min(t.log_every_n_steps, steps_per_epoch) if steps_per_epoch else t.log_every_n_steps
     grid = SampleGrid(run_dir / "samples")
     ckpt_dir = str(run_dir / "checkpoints")
     callbacks: list[pl.Callback] = [
@@ -420,12 +339,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str) -> tuple[pl.Trai
     if bar == "rich":
         callbacks.append(RichProgressBar())
     else:
-        callbacks.append(EpochSummary())
+        callbacks += [EpochSummary(), ProgressLines(t.progress_interval)]
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
         gradient_clip_val=t.gradient_clip_val, limit_val_batches=t.limit_val_batches,
-        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=log_every,
         deterministic=t.deterministic, callbacks=callbacks, logger=make_loggers(cfg, run_dir, wandb_id),
         plugins=[AtomicCheckpointIO()], enable_progress_bar=(bar == "rich"), enable_model_summary=False,
         default_root_dir=str(run_dir), use_distributed_sampler=False,

@@ -301,3 +301,27 @@ def test_a_diverged_memory_stops_like_a_nan_loss(tmp_path: Path, monkeypatch, ca
     run_dir = tmp_path / "runs" / "default" / "div"
     assert read_meta(run_dir)["status"] == "failed"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_progress_lines_give_step_loss_rate_and_eta_where_no_bar_is_drawn(capsys) -> None:
+    from types import SimpleNamespace
+
+    from km.callbacks import ProgressLines
+
+    p = ProgressLines(interval=0.0)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, max_steps=-1, num_training_batches=10, max_epochs=4,
+                              current_epoch=0, callback_metrics={"train/loss_step": torch.tensor(123.456)},
+                              num_test_batches=[5])
+    p.on_train_start(trainer, None)
+    for step in range(1, 4):
+        trainer.global_step = step
+        p.on_train_batch_end(trainer, None, None, None, step - 1)
+    p.on_test_start(trainer, None)
+    p.on_test_batch_end(trainer, None, None, None, 1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2].startswith("step 3/40 (epoch 1/4) | loss 123.456 | ") and "/s | ETA " in lines[-2]
+    assert lines[-1].startswith("test batch 2/5 | ") and "ETA" in lines[-1]
+    q = ProgressLines(interval=3600.0)  # nothing more often than the interval
+    q.on_train_start(trainer, None)
+    q.on_train_batch_end(trainer, None, None, None, 0)
+    assert capsys.readouterr().err == ""

@@ -30,6 +30,7 @@ import torch
 from km.likelihoods import make_likelihood
 from km.memory.kanerva import NonPositiveDefiniteError
 from km.nets import Decoder, Encoder, NetConfig
+from km.runs import NonFiniteLossError
 
 
 class Choice(str, Enum):
@@ -92,10 +93,6 @@ class ModelConfig:
         for k in ("memory", "z", "addressing", "warmup_steps"):
             v = getattr(self.kl_weights, k)
             need(v >= 0, f"kl_weights.{k}", v, ">= 0")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised by the training step when the loss is NaN or infinite."""
 
 
 @dataclass
