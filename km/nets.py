@@ -22,6 +22,7 @@ from torch import nn
 class NetConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # filters of the 3 blocks
     embed_dim: int = 256  # size of the encoder output e(x)
+    channels_last: bool = False  # NHWC conv activations and weights (see the module doc for the measurement)
 
 
 class ResBlock(nn.Module):
@@ -58,10 +59,12 @@ class Encoder(nn.Module):
         feat = ch_in * (_padded(h) // 8) * (_padded(w) // 8)
         self.fc = nn.Linear(feat, cfg.embed_dim)
         self.out_dim = cfg.embed_dim
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.conv.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.pad(2 * x - 1, self.pad)  # centre inputs on 0
-        return self.fc(self.conv(x))
+        return self.fc(self.conv(x.contiguous(memory_format=self.memory_format)))  # Flatten keeps (C, H, W) order
 
 
 class Decoder(nn.Module):
@@ -79,7 +82,9 @@ class Decoder(nn.Module):
             ch_out = chs[i + 1] if i + 1 < len(chs) else out_channels
             layers += [ResBlock(ch), nn.ReLU(), nn.ConvTranspose2d(ch, ch_out, 4, stride=2, padding=1)]
         self.deconv = nn.Sequential(*layers)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.deconv.to(memory_format=self.memory_format)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.deconv(self.fc(z).view(-1, *self.base))
+        out = self.deconv(self.fc(z).view(-1, *self.base).contiguous(memory_format=self.memory_format))
         return out[..., : self.h, : self.w]
