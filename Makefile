@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 KM := $(VENV)/bin/km
 # Data: KM_DATA_DIR if set, else ../shared/data (resolved by the data modules).
 
-.PHONY: setup demo test lint bench sweep compare clean
+.PHONY: setup demo test lint bench gpu-check sweep compare clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/memory.py
 	@echo "denoising (needs trained runs): $(PY) bench/denoise.py RUN_DIR..."
+
+# One-shot device check (bench/gpu.py): every model at the papers' sizes on CUDA (tiny sizes on a CPU):
+# step time, images/s, peak memory, bf16 vs fp32 loss, torch.compile on and off, the sampler on the device
+gpu-check: setup
+	$(PY) bench/gpu.py
 
 # make sweep SWEEP=sweeps/compare_baselines.yaml [COUNT=4]: a local (offline) sweep, then its report
 SWEEP ?= sweeps/compare_baselines.yaml

@@ -7,6 +7,14 @@ Encoder: pad the image to a multiple of 8, then 3 blocks of
   {4x4 conv stride 2 -> residual block of two 3x3 convs}, flatten, linear -> e(x).
 Decoder: the mirror image: linear -> 3 blocks of
   {residual block -> 4x4 transposed conv stride 2}, crop to the image size.
+
+Memory format (decision, `net.channels_last`, default false): the convolutions can run channels_last (NHWC), the
+same function (tested) with a different layout. Measured with `python bench/steps.py --threads 1` (training
+step, B = 16, T = 32, NCHW / channels_last, interleaved medians, 2-core machine at load 3.1-3.6): VAE 1.02 /
+1.19, KM 1.18 / 1.06, DKM 1.18 / 1.22 on 1x28x28 / 3x32x32 images; faster in every row. It is not the default
+because NHWC kernels round differently, so every recorded result (docs/results.md) and the seeded learning tests
+would move; set net.channels_last=true for new studies (results within a study must share the setting).
+GPU not measured yet (bench/gpu.py runs whichever the config says).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import nn
 class NetConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # filters of the 3 blocks
     embed_dim: int = 256  # size of the encoder output e(x)
+    channels_last: bool = False  # NHWC conv activations and weights (faster on CPU: module doc; opt-in)
 
 
 class ResBlock(nn.Module):
@@ -58,10 +67,12 @@ class Encoder(nn.Module):
         feat = ch_in * (_padded(h) // 8) * (_padded(w) // 8)
         self.fc = nn.Linear(feat, cfg.embed_dim)
         self.out_dim = cfg.embed_dim
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.conv.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.pad(2 * x - 1, self.pad)  # centre inputs on 0
-        return self.fc(self.conv(x))
+        return self.fc(self.conv(x.contiguous(memory_format=self.memory_format)))  # Flatten keeps (C, H, W) order
 
 
 class Decoder(nn.Module):
@@ -79,7 +90,9 @@ class Decoder(nn.Module):
             ch_out = chs[i + 1] if i + 1 < len(chs) else out_channels
             layers += [ResBlock(ch), nn.ReLU(), nn.ConvTranspose2d(ch, ch_out, 4, stride=2, padding=1)]
         self.deconv = nn.Sequential(*layers)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.deconv.to(memory_format=self.memory_format)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.deconv(self.fc(z).view(-1, *self.base))
+        out = self.deconv(self.fc(z).view(-1, *self.base).contiguous(memory_format=self.memory_format))
         return out[..., : self.h, : self.w]

@@ -342,7 +342,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str,
         callbacks += [EpochSummary(), ProgressLines(t.progress_interval)]
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        precision=str(t.precision), max_epochs=t.max_epochs, max_steps=t.max_steps,
         gradient_clip_val=t.gradient_clip_val, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=log_every,
         deterministic=t.deterministic, callbacks=callbacks, logger=make_loggers(cfg, run_dir, wandb_id),

@@ -47,11 +47,15 @@ def test_overrides_are_applied_and_typed() -> None:
         ("model.kl_weights.warmup_steps=-3", "bad value for 'model.kl_weights.warmup_steps': -3 (must be >= 0)"),
         ("model.kl_weights.memoryy=0", "unknown config key 'model.kl_weights.memoryy'; valid keys under "
                                        "'model.kl_weights': addressing, memory, warmup_steps, z"),
+        ("model=km model.memory_dtype=float16", "bad value for 'model.memory_dtype': Invalid value 'float16', "
+                                                "expected one of [float32, float64]"),
+        ("trainer.precision=bf16", "bad value for 'trainer.precision': Invalid value 'bf16', expected one of "
+                                   "[32-true, 64-true, bf16-mixed, 16-mixed, bf16-true, 16-true]"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["config", override])
+        main(["config", *override.split()])  # space-separated: several overrides
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err

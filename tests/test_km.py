@@ -41,7 +41,7 @@ def test_bound_terms_match_references_sampled_memory() -> None:
     mu_y, ls_y = km.posterior_y(e)
     y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
     w = km.address(y)
-    post = km._write(e, w)
+    post = km._write(e, w)[0]  # (q(M | X), its KL from the factor): the KL is checked below against kl_isotropic
     M = km.memory.sample(post)
     mu_z, ls_z, _ = km.read_z(e, w, M)
     T = x.shape[1]
@@ -64,7 +64,7 @@ def test_exact_memory_expectation_equals_monte_carlo_over_M() -> None:
     e = km.encode_images(x)
     mu_y, ls_y = km.posterior_y(e)
     w = km.address(mu_y + torch.randn_like(mu_y) * ls_y.exp())
-    post = km._write(e, w)
+    post = km._write(e, w)[0]
     mu_z, ls_z, _ = km.read_z(e, w, post.R)
     n = 20000
     with torch.no_grad():

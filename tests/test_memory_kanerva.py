@@ -16,6 +16,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from km.memory import (
     KanervaMemory,
     MemoryState,
+    kl_isotropic,
     kl_matrix_normal,
     log_prob_matrix_normal,
     read,
@@ -23,6 +24,7 @@ from km.memory import (
     sample,
     write_batched,
     write_online,
+    write_with_kl,
 )
 
 DT = torch.float64
@@ -50,8 +52,9 @@ def vec_gaussian(state: MemoryState, b: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dense_condition(mu, S, H, y, noise_var):
-    """Reference Gaussian conditioning of x ~ N(mu, S) on y = H x + N(0, noise_var I) (explicit inverse)."""
-    S_y = H @ S @ H.T + noise_var * torch.eye(H.shape[0], dtype=S.dtype)
+    """Reference Gaussian conditioning of x ~ N(mu, S) on y = H x + N(0, noise_var I) (explicit inverse);
+    noise_var a float or a vector of per-coordinate variances."""
+    S_y = H @ S @ H.T + torch.diag(torch.as_tensor(noise_var, dtype=S.dtype).expand(H.shape[0]))
     gain = S @ H.T @ torch.linalg.inv(S_y)
     return mu + gain @ (y - H @ mu), S - gain @ H @ S
 
@@ -60,20 +63,99 @@ def dense_kl(q: MemoryState, p: MemoryState, b: int) -> torch.Tensor:
     return kl_divergence(MultivariateNormal(*vec_gaussian(q, b)), MultivariateNormal(*vec_gaussian(p, b)))
 
 
-# 1. write == Gaussian conditioning on vec(M)
-@pytest.mark.parametrize("mode", ["batched", "online"])
-def test_write_equals_dense_gaussian_conditioning(mode: str) -> None:
-    state, w, z = random_problem()
-    if mode == "batched":
-        post = write_batched(state, w, z, SIGMA_XI2, u_diag_clip=None)
+# 1. write == Gaussian conditioning on vec(M), every form, T < K and T > K, one noise or one per item
+def _noise(per_item: bool, t: int, seed: int = 17, dtype: torch.dtype = DT):
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 + torch.rand(B, t, generator=gen, dtype=dtype) if per_item else SIGMA_XI2
+
+
+@pytest.mark.parametrize("per_item", [False, True], ids=["scalar_noise", "per_item_noise"])
+@pytest.mark.parametrize("t", [3, 7], ids=["T<K", "T>K"])
+@pytest.mark.parametrize("mode", ["predictive", "information", "online"])
+def test_write_equals_dense_gaussian_conditioning(mode: str, t: int, per_item: bool) -> None:
+    state, w, z = random_problem(t=t)
+    noise = _noise(per_item, t)
+    if mode == "online":
+        post, _ = write_online(state, w, z, noise, u_diag_clip=None)
     else:
-        post, _ = write_online(state, w, z, SIGMA_XI2, u_diag_clip=None)
+        post = write_batched(state, w, z, noise, u_diag_clip=None, form=mode)
     eye_C = torch.eye(C, dtype=DT)
     for b in range(B):
         mu, S = vec_gaussian(state, b)
-        mu_ref, S_ref = dense_condition(mu, S, torch.kron(w[b], eye_C), z[b].reshape(-1), SIGMA_XI2)
+        noise_b = noise[b].repeat_interleave(C) if per_item else noise  # (T C,) vec order t * C + c
+        mu_ref, S_ref = dense_condition(mu, S, torch.kron(w[b], eye_C), z[b].reshape(-1), noise_b)
         torch.testing.assert_close(post.R[b].reshape(-1), mu_ref, atol=1e-10, rtol=0)
         torch.testing.assert_close(torch.kron(post.U[b], eye_C), S_ref, atol=1e-10, rtol=0)
+
+
+# 1b. the KL from the write's own factor == dense KL(q || the state written into), general U and isotropic u I
+@pytest.mark.parametrize("isotropic", [False, True], ids=["general_U", "isotropic_U"])
+@pytest.mark.parametrize("per_item", [False, True], ids=["scalar_noise", "per_item_noise"])
+@pytest.mark.parametrize("t", [3, 7], ids=["T<K", "T>K"])
+@pytest.mark.parametrize("form", ["predictive", "information"])
+def test_write_with_kl_equals_dense_kl(form: str, t: int, per_item: bool, isotropic: bool) -> None:
+    state, w, z = random_problem(seed=18, t=t)
+    u0 = None
+    if isotropic:
+        u0 = 0.5 + torch.rand(B, generator=torch.Generator().manual_seed(19), dtype=DT)  # (B,)
+        state = MemoryState(state.R, u0[:, None, None] * torch.eye(K, dtype=DT))
+    post, kl = write_with_kl(state, w, z, _noise(per_item, t), u_diag_clip=None, form=form, u0=u0)
+    assert kl.shape == (B,)
+    torch.testing.assert_close(post.U, write_batched(state, w, z, _noise(per_item, t), None, "predictive").U,
+                               atol=1e-10, rtol=0)
+    for b in range(B):
+        torch.testing.assert_close(kl[b], dense_kl(post, state, b), atol=1e-10, rtol=1e-10)
+
+
+def test_auto_form_follows_shape_and_bad_form_raises() -> None:
+    for t in (3, 4, 5):  # K = 4: predictive for T <= K, information above; both exact, so compare to each
+        state, w, z = random_problem(seed=20, t=t)
+        auto = write_batched(state, w, z, SIGMA_XI2, None)
+        form = "predictive" if t <= K else "information"
+        torch.testing.assert_close(auto.U, write_batched(state, w, z, SIGMA_XI2, None, form).U, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="form must be one of"):
+        write_batched(state, w, z, SIGMA_XI2, form="sideways")
+
+
+# 1c. float32: the information form keeps U accurate when T >> K at small noise
+@pytest.mark.parametrize("sigma_xi2", [1e-2, 1e-4])
+def test_float32_write_accuracy_when_T_much_larger_than_K(sigma_xi2: float) -> None:
+    """T = 256, K = 8: the T x T predictive form lost 1.1% (1e-2) and 126% (1e-4) of U in float32."""
+    gen = torch.Generator().manual_seed(21)
+    b, k, c, t = 2, 8, 16, 256
+    R = torch.randn(b, k, c, generator=gen, dtype=DT)
+    w = torch.nn.functional.normalize(torch.randn(b, t, k, generator=gen, dtype=DT), dim=-1)
+    z = torch.randn(b, t, c, generator=gen, dtype=DT)
+    u0 = torch.ones(b, dtype=DT)
+    state = MemoryState(R, torch.eye(k, dtype=DT).expand(b, k, k))
+    ref, kl_ref = write_with_kl(state, w, z, sigma_xi2, None, u0=u0)
+    f32 = MemoryState(R.float(), state.U.float())
+    for u in (None, u0.float()):  # general U and isotropic
+        post, kl = write_with_kl(f32, w.float(), z.float(), sigma_xi2, None, u0=u)
+
+        def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+            return ((x.double() - y).norm() / y.norm()).item()
+
+        assert rel(post.U, ref.U) < 1e-4 and rel(post.R, ref.R) < 1e-4
+        assert rel(kl, kl_ref) < 1e-4
+
+
+@pytest.mark.parametrize("form", ["predictive", "information"])
+def test_float32_write_and_kl_match_float64(form: str) -> None:
+    """Default-like sizes (T = 16, K = 32, small addresses as at init) in float32 against float64."""
+    gen = torch.Generator().manual_seed(22)
+    b, k, c, t = 3, 32, 20, 16
+    R = torch.randn(b, k, c, generator=gen, dtype=DT)
+    w = 0.3 * torch.nn.functional.normalize(torch.randn(b, t, k, generator=gen, dtype=DT), dim=-1)
+    z = torch.randn(b, t, c, generator=gen, dtype=DT)
+    u0 = torch.full((b,), 1.5, dtype=DT)
+    state = MemoryState(R, 1.5 * torch.eye(k, dtype=DT).expand(b, k, k))
+    ref, kl_ref = write_with_kl(state, w, z, 0.5, None, form, u0)
+    post, kl = write_with_kl(MemoryState(R.float(), state.U.float()), w.float(), z.float(), 0.5, None, form,
+                             u0.float())
+    torch.testing.assert_close(post.U.double(), ref.U, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(post.R.double(), ref.R, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl.double(), kl_ref, atol=1e-4, rtol=1e-5)
 
 
 # 2. batched == T sequential on-line writes
@@ -223,6 +305,32 @@ def test_gradcheck_write_batched() -> None:
     assert torch.autograd.gradcheck(lambda R, A, w, z: write_batched(MemoryState(R, _spd(A)), w, z, 0.5), (R, A, w, z))
 
 
+@pytest.mark.parametrize("isotropic", [False, True], ids=["general_U", "isotropic_U"])
+@pytest.mark.parametrize("form", ["predictive", "information"])
+def test_gradcheck_write_with_kl(form: str, isotropic: bool) -> None:
+    R, A, w, z = _grad_inputs()
+    if form == "information":  # T > K
+        gen = torch.Generator().manual_seed(23)
+        w = (0.5 * torch.randn(2, 5, 3, generator=gen, dtype=DT)).requires_grad_()
+        z = (0.5 * torch.randn(2, 5, 2, generator=gen, dtype=DT)).requires_grad_()
+    if isotropic:
+        log_u = torch.tensor([0.2, -0.3], dtype=DT, requires_grad=True)
+
+        def fn(R, log_u, w, z):
+            u = log_u.exp()
+            state = MemoryState(R, u[:, None, None] * torch.eye(3, dtype=DT))
+            (R_new, U_new), kl = write_with_kl(state, w, z, 0.5, form=form, u0=u)
+            return R_new, U_new, kl
+
+        assert torch.autograd.gradcheck(fn, (R, log_u, w, z))
+    else:
+        def fn(R, A, w, z):
+            (R_new, U_new), kl = write_with_kl(MemoryState(R, _spd(A)), w, z, 0.5, form=form)
+            return R_new, U_new, kl
+
+        assert torch.autograd.gradcheck(fn, (R, A, w, z))
+
+
 def test_gradcheck_write_online() -> None:
     R, A, w, z = _grad_inputs()
 
@@ -311,8 +419,13 @@ def test_kanerva_memory_module() -> None:
     batched, online = mem.write(prior, w, z, "batched"), mem.write(prior, w, z, "online")
     torch.testing.assert_close(batched.R, online.R)
     torch.testing.assert_close(batched.U, online.U)
-    post, kl = mem.write_with_kl(prior, w, z)
+    post, kl = mem.write_with_kl(w, z)
+    torch.testing.assert_close(post.U, batched.U)
     torch.testing.assert_close(kl, kl_matrix_normal(post, prior))
+    torch.testing.assert_close(mem.kl(post), kl)  # kl_isotropic
+    post_online, kl_online = mem.write_with_kl(w, z, "online")
+    torch.testing.assert_close(kl_online, kl)
+    torch.testing.assert_close(kl_isotropic(post, mem.R0, mem.u0), kl)
     mean, var = mem.read(post, w)
     loss = kl.sum() + mean.square().sum() + var.sum() + mem.sample(post).sum()
     loss.backward()
@@ -327,3 +440,46 @@ def test_kanerva_memory_fixed_sigma_is_buffer() -> None:
     assert "log_sigma_xi" in dict(mem.named_buffers())
     assert {n for n, _ in mem.named_parameters()} == {"R0", "s"}
     assert mem.R0.abs().max().item() <= 2.0  # truncated at 2 std
+
+
+# 11. numerics: the per-step KL in float32 at any noise level; the algebra's dtype and autocast
+@pytest.mark.parametrize("sigma_xi2", [1e-2, 1e-6, 1e-9])
+def test_step_kl_finite_and_accurate_in_float32(sigma_xi2: float) -> None:
+    """w^T U w / sigma_xi^2 up to 1e9: log1p(-beta) was -inf once beta rounded to 1 (about 1.7e7)."""
+    gen = torch.Generator().manual_seed(24)
+    b, k, c, t = 2, 8, 5, 4
+    state = MemoryState(torch.randn(b, k, c, generator=gen, dtype=DT), torch.eye(k, dtype=DT).expand(b, k, k))
+    w = torch.nn.functional.normalize(torch.randn(b, t, k, generator=gen, dtype=DT), dim=-1)
+    z = torch.randn(b, t, c, generator=gen, dtype=DT)
+    _, ref = write_online(state, w, z, sigma_xi2, u_diag_clip=None)
+    _, kl32 = write_online(MemoryState(state.R.float(), state.U.float()), w.float(), z.float(), sigma_xi2,
+                           u_diag_clip=None)
+    assert torch.isfinite(kl32).all()
+    torch.testing.assert_close(kl32[:, 0].double(), ref[:, 0], rtol=1e-5, atol=0)  # first step: U = I exactly
+    assert torch.isfinite(ref).all()
+
+
+def test_float64_algebra_inside_float32_memory_and_no_autocast() -> None:
+    torch.manual_seed(25)
+    k, c, t = 8, 6, 64
+    mem32 = KanervaMemory(K=k, C=c, sigma_xi=1e-2)
+    mem64 = KanervaMemory(K=k, C=c, sigma_xi=1e-2, algebra_dtype=torch.float64)
+    ref = KanervaMemory(K=k, C=c, sigma_xi=1e-2).double()
+    for m in (mem64, ref):
+        m.load_state_dict(mem32.state_dict())
+    w = torch.nn.functional.normalize(torch.randn(2, t, k), dim=-1)
+    z = torch.randn(2, t, c)
+    post_ref, kl_ref = ref.write_with_kl(w.double(), z.double(), "online")  # a different algorithm, in float64
+    post64, kl64 = mem64.write_with_kl(w, z)
+    assert post64.U.dtype == kl64.dtype == torch.float32
+    torch.testing.assert_close(post64.U.double(), post_ref.U, atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(kl64.double(), kl_ref, atol=0, rtol=1e-6)
+    kl64.sum().backward()
+    assert mem64.R0.grad is not None and mem64.R0.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the memory algebra stays in float32
+        post_bf, kl_bf = mem32.write_with_kl(w, z)
+        M = mem32.sample(post_bf)
+    post32, kl32 = mem32.write_with_kl(w, z)
+    assert post_bf.U.dtype == kl_bf.dtype == M.dtype == torch.float32
+    torch.testing.assert_close(post_bf.U, post32.U, atol=0, rtol=0)
+    torch.testing.assert_close(kl_bf, kl32, atol=0, rtol=0)

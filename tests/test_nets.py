@@ -23,6 +23,20 @@ def test_encoder_decoder_shapes(shape: tuple[int, int, int]) -> None:
     assert dec(torch.randn(5, 7)).shape == (5, 2 * shape[0], *shape[1:])
 
 
+def test_channels_last_nets_compute_the_same_function() -> None:
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    nets = {cl: NetConfig(channels=[8, 16, 16], embed_dim=20, channels_last=cl) for cl in (False, True)}
+    enc = {cl: Encoder(shape, n) for cl, n in nets.items()}
+    dec = {cl: Decoder(7, shape, 6, n) for cl, n in nets.items()}
+    enc[True].load_state_dict(enc[False].state_dict())
+    dec[True].load_state_dict(dec[False].state_dict())
+    assert enc[True].conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, z = torch.rand(5, *shape), torch.randn(5, 7)
+    torch.testing.assert_close(enc[True](x), enc[False](x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec[True](z), dec[False](z), atol=1e-5, rtol=1e-5)
+
+
 def test_bernoulli_matches_torch() -> None:
     logits, x = torch.randn(4, 1, 6, 6), torch.bernoulli(torch.rand(4, 1, 6, 6))
     ref = TorchBernoulli(logits=logits).log_prob(x).flatten(1).sum(1)

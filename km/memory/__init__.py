@@ -5,6 +5,7 @@ from km.memory.kanerva import (
     KanervaMemory,
     MemoryState,
     NonPositiveDefiniteError,
+    kl_isotropic,
     kl_matrix_normal,
     log_prob_matrix_normal,
     read,
@@ -12,6 +13,7 @@ from km.memory.kanerva import (
     sample,
     write_batched,
     write_online,
+    write_with_kl,
 )
 from km.memory.product import ProductMemory, weighted_write
 
@@ -23,6 +25,7 @@ __all__ = [
     "KanervaMemory",
     "MemoryState",
     "NonPositiveDefiniteError",
+    "kl_isotropic",
     "kl_matrix_normal",
     "log_prob_matrix_normal",
     "read",
@@ -30,4 +33,5 @@ __all__ = [
     "sample",
     "write_batched",
     "write_online",
+    "write_with_kl",
 ]

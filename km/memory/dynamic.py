@@ -78,8 +78,10 @@ class DynamicMemory(KanervaMemory):
         sigma_w_init: float = 0.3,
         solver: str = "ridge",
         u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+        algebra_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(K, C, sigma_xi=sigma_xi, learn_sigma_xi=learn_sigma_xi, u_diag_clip=u_diag_clip)
+        super().__init__(K, C, sigma_xi=sigma_xi, learn_sigma_xi=learn_sigma_xi, u_diag_clip=u_diag_clip,
+                         algebra_dtype=algebra_dtype)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.solver = solver
@@ -92,8 +94,11 @@ class DynamicMemory(KanervaMemory):
         return self.sigma_xi2 / self.sigma_w0**2
 
     def address(self, M: Tensor, z: Tensor) -> Tensor:
-        """Mean mu (B, T, K) of q(w | z, M) for codes z (B, T, C) on memory M (B, K, C)."""
-        return solve_addresses(M, z, self.lam, self.solver)
+        """Mean mu (B, T, K) of q(w | z, M) for codes z (B, T, C) on memory M (B, K, C), solved in the
+        memory algebra's dtype (see ``KanervaMemory``)."""
+        dt = self._dtype(M, z)
+        with self._no_autocast():
+            return solve_addresses(M.to(dt), z.to(dt), self.lam.to(dt), self.solver).to(M.dtype)
 
     def kl_w(self, mu: Tensor) -> Tensor:
         """KL(N(mu, sigma_w^2 I) || N(0, sigma_w0^2 I)) summed over K, shape mu.shape[:-1]."""

@@ -17,34 +17,57 @@ Observation model (KM generative model)
     z_t = w_t^T M + xi_t,  xi_t ~ N(0, sigma_xi^2 I_C);  for the episode Z = W M + Xi  (W: T x K).
 
 Writing = exact posterior q(M | Z) = MN(R', U', I_C) (KM Sec. 3, "writing inference")
-    ``write_batched`` (all T items at once)::
+    ``write_batched`` / ``write_with_kl`` (all T items at once; S = diag(s_1..s_T) the noise variances,
+    s_t = sigma_xi^2, or per item). Two exact forms, chosen by shape (``form="auto"``)::
 
-        Delta   = Z - W R                            (T x C)  prediction error
-        Sigma_c = W U                                (T x K)  cross-covariance
-        Sigma_z = W U W^T + sigma_xi^2 I_T           (T x T)  predictive covariance
-        R'      = R + Sigma_c^T Sigma_z^{-1} Delta
-        U'      = U - Sigma_c^T Sigma_z^{-1} Sigma_c
+        Delta = Z - W R                                         (T x C)  prediction error
 
-    Code: G = Sigma_z^{-1} Sigma_c (T x K) by ``cholesky_solve`` with L = chol(Sigma_z), then
-    R' = R + G^T Delta and U' = U - Sigma_c^T G (Sigma_z symmetric, so G^T = Sigma_c^T Sigma_z^{-1}).
-    No explicit inverse. (Solving for G, K right-hand sides, was faster on CPU than a triangular solve
-    of [Sigma_c | Delta], K + C right-hand sides.)
+        T <= K, predictive form (T x T):
+        Sigma_z = W U W^T + S                                   (T x T)  predictive covariance, L = chol(Sigma_z)
+        G       = Sigma_z^{-1} W U                              (T x K)
+        R'      = R + G^T Delta,     U' = U - (W U)^T G
+
+        T > K, information form (K x K):
+        U'^{-1} = U^{-1} + W^T S^{-1} W                         (K x K)  L = chol(U'^{-1})
+        U'      = (L L^T)^{-1},      R' = R + U' W^T S^{-1} Delta
+
+    Both are the same Gaussian conditioning (Woodbury), tested against the dense reference in float64 and
+    float32. Decision and measurement (``bench/memory.py --section write_kl``, 1 thread): the predictive form
+    costs T^3, the information form K^3, so the shape picks the cheaper one, and the information form is
+    also the accurate one in float32 when T >> K: Sigma_z is then rank K plus sigma_xi^2 I, and U' from it lost
+    22% (sigma_xi^2 = 1e-2) to 2800x (1e-4) of U at T = 256, K = 8, where the information form keeps 3e-7.
+    In the predictive form G comes from the explicit small inverse cholesky_inverse(L) and a matmul: with the
+    backward pass that was faster on CPU than ``cholesky_solve`` (1.6 ms a call at T = 64). With an
+    isotropic U = u I (the prior; ``u0=u``) W U = u W and U^{-1} = I / u cost no product and no inverse.
 
     ``write_online`` (the paper's form, one item per step, Sigma_z a scalar)::
 
         wU = w_t^T U;  s = wU w_t + sigma_xi^2;  Delta = z_t - w_t^T R
         R <- R + (wU)^T Delta / s;   U <- U - (wU)^T (wU) / s
 
-    Both give the same posterior (Gaussian conditioning is order independent). After every update,
+    All give the same posterior (Gaussian conditioning is order independent). After every update,
     U' <- (U' + U'^T) / 2 and diag(U') is clipped to ``u_diag_clip`` = [1e-6, 1e10] (official code's
     numerics); pass ``u_diag_clip=None`` to get the exact posterior.
 
+KL from the write's own factor (``write_with_kl``: KL(q || the state written into), of the unclipped posterior)
+    KL = 1/2 [C (tr(U^{-1} U') - K) + tr(D^T U^{-1} D) + C (ln|U| - ln|U'|)],   D = R' - R
+    with every term from what the write already has, no factor of U' and no inverse of U:
+        predictive:   tr(U^{-1} U') - K = -tr(W^T G)                  ln|U| - ln|U'| = ln|Sigma_z| - ln|S|
+                      (determinant lemma: |U'^{-1}| = |U^{-1}| |Sigma_z| / |S|; ln|Sigma_z| = 2 sum ln diag L)
+        information:  tr(U^{-1} U') - K = -tr(W^T S^{-1} W U')        ln|U| - ln|U'| = ln|U| + 2 sum ln diag L
+        Mahalanobis:  ||D||_F^2 / u for U = u I; otherwise tr(D^T W^T Sigma_z^{-1} Delta) (predictive, since
+                      D = U W^T Sigma_z^{-1} Delta) or tr(D^T U^{-1} D) (information, U^{-1} at hand).
+    Measured: the old write followed by ``kl_matrix_normal`` (two more Cholesky factors and a K x (K + C)
+    triangular solve) cost as much again as the write; see ``bench/memory.py`` for the ratios.
+
 Per-step KL (DKM, exact for the rank-1 update, beta = w^T U w / s)::
 
-    KL(q_t || q_{t-1}) = -1/2 [C beta - (beta / s) ||Delta||^2 + C ln(1 - beta)]
+    KL(q_t || q_{t-1}) = -1/2 [C beta - (beta / s) ||Delta||^2 + C ln(1 - beta)],  ln(1 - beta) = ln sigma_xi^2 - ln s
 
-    computed with log1p(-beta) from the *unclipped* update (the diagonal clip is a numerical guard, not
-    part of the model; when it binds, the step KL is that of the unclipped posterior).
+    with ln(1 - beta) computed as ln sigma_xi^2 - ln s (exact: 1 - beta = sigma_xi^2 / s), which stays finite
+    in float32 where log1p(-beta) was -inf once beta rounded to 1 (w^T U w / sigma_xi^2 above ~1.7e7). From
+    the *unclipped* update (the diagonal clip is a numerical guard, not part of the model; when it binds, the
+    step KL is that of the unclipped posterior).
 
 Matrix-normal KL (``kl_matrix_normal``, true log-determinants from Cholesky diagonals)::
 
@@ -82,6 +105,7 @@ from torch import Tensor, nn
 __all__ = [
     "KanervaMemory",
     "MemoryState",
+    "kl_isotropic",
     "kl_matrix_normal",
     "read",
     "safe_cholesky",
@@ -89,6 +113,7 @@ __all__ = [
     "sample",
     "write_batched",
     "write_online",
+    "write_with_kl",
 ]
 
 DiagClip = tuple[float, float] | None
@@ -148,23 +173,121 @@ def _per_item(sigma_xi2: float | Tensor) -> bool:
     return isinstance(sigma_xi2, Tensor) and sigma_xi2.dim() > 0
 
 
+FORMS = ("auto", "predictive", "information")
+
+
+def _item_noise(sigma_xi2: float | Tensor, w: Tensor) -> Tensor:
+    """The noise variances as a tensor (..., T): per item as given, or the scalar broadcast to every item."""
+    if _per_item(sigma_xi2):
+        return sigma_xi2.to(w.dtype)  # type: ignore[union-attr]
+    s = torch.as_tensor(sigma_xi2, dtype=w.dtype, device=w.device)
+    return s.expand(w.shape[:-1])
+
+
+def _as_batch(u0: float | Tensor, like: Tensor) -> Tensor:
+    """The isotropic scale u of U = u I as a tensor of the batch shape (or a scalar tensor)."""
+    return torch.as_tensor(u0, dtype=like.dtype, device=like.device)
+
+
+def _logdet_from_factor(L: Tensor) -> Tensor:
+    """ln|A| = 2 sum_k ln L_kk from A's Cholesky factor L (..., K, K) -> (...)."""
+    return 2.0 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+
+
+def write_with_kl(
+    state: MemoryState,
+    w: Tensor,
+    z: Tensor,
+    sigma_xi2: float | Tensor,
+    u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+    form: str = "auto",
+    u0: float | Tensor | None = None,
+) -> tuple[MemoryState, Tensor]:
+    """Posterior MN(R', U', I_C) after observing all T codes ``z`` at addresses ``w``, and KL(q || state) (...,)
+    against the memory written into, from the write's own Cholesky factor (module doc, "Writing").
+
+    ``form``: "predictive" (T x T), "information" (K x K) or "auto" (predictive iff T <= K). ``u0``: the scale u
+    of an isotropic ``state.U = u I`` (a float or a tensor of the batch shape), or None for a general U; with it
+    the information form needs no inverse of U and the KL's Mahalanobis term is ||R' - R||^2 / u.
+    """
+    return _write(state, w, z, sigma_xi2, u_diag_clip, form, u0, with_kl=True)  # type: ignore[return-value]
+
+
 def write_batched(
-    state: MemoryState, w: Tensor, z: Tensor, sigma_xi2: float | Tensor, u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP
+    state: MemoryState,
+    w: Tensor,
+    z: Tensor,
+    sigma_xi2: float | Tensor,
+    u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+    form: str = "auto",
+    u0: float | Tensor | None = None,
 ) -> MemoryState:
-    """Posterior MN(R', U', I_C) after observing all T codes ``z`` at addresses ``w`` in one solve."""
+    """Posterior MN(R', U', I_C) after observing all T codes ``z`` at addresses ``w`` (``write_with_kl`` without
+    the KL)."""
+    return _write(state, w, z, sigma_xi2, u_diag_clip, form, u0, with_kl=False)[0]
+
+
+def _write(
+    state: MemoryState,
+    w: Tensor,
+    z: Tensor,
+    sigma_xi2: float | Tensor,
+    u_diag_clip: DiagClip,
+    form: str,
+    u0: float | Tensor | None,
+    with_kl: bool,
+) -> tuple[MemoryState, Tensor | None]:
     R, U = state  # R: (B, K, C), U: (B, K, K)
-    T = w.shape[-2]
-    eye_T = torch.eye(T, dtype=U.dtype, device=U.device)
-    Delta = z - w @ R  # (B, T, C)
-    Sigma_c = w @ U  # (B, T, K)
-    if _per_item(sigma_xi2):  # (B, T) noise variance of each item: diagonal of the noise covariance
-        Sigma_z = Sigma_c @ w.transpose(-1, -2) + torch.diag_embed(sigma_xi2)  # (B, T, T)
+    T, K = w.shape[-2:]
+    C = R.shape[-1]
+    if form == "auto":
+        form = "predictive" if T <= K else "information"
+    s = _item_noise(sigma_xi2, w)  # (B, T) noise variance of each item: diag of S
+    Delta = z - w @ R  # (B, T, C)  prediction error
+    kl = None
+    if form == "predictive":
+        Sigma_c = w @ U if u0 is None else _as_batch(u0, U)[..., None, None] * w  # (B, T, K)  W U
+        Sigma_z = Sigma_c @ w.transpose(-1, -2) + torch.diag_embed(s)  # (B, T, T)  W U W^T + S
+        L = safe_cholesky(Sigma_z)  # (B, T, T)
+        G = torch.cholesky_inverse(L) @ Sigma_c  # (B, T, K)  Sigma_z^{-1} W U (explicit T x T inverse: see doc)
+        D = G.transpose(-1, -2) @ Delta  # (B, K, C)  R' - R = U W^T Sigma_z^{-1} Delta
+        U_new = U - Sigma_c.transpose(-1, -2) @ G  # (B, K, K)  U - U W^T Sigma_z^{-1} W U
+        if with_kl:
+            tr_drop = (G * w).sum((-2, -1))  # (B,)  K - tr(U^{-1} U') = tr(W^T Sigma_z^{-1} W U)
+            logdet = _logdet_from_factor(L) - s.log().sum(-1)  # (B,)  ln|U| - ln|U'| = ln|Sigma_z| - ln|S|
+            if u0 is not None:
+                mahalanobis = D.pow(2).sum((-2, -1)) / u0  # (B,)  tr(D^T D) / u
+            else:  # D = U W^T A with A = Sigma_z^{-1} Delta, so tr(D^T U^{-1} D) = tr(D^T W^T A)
+                A = torch.cholesky_solve(Delta, L)  # (B, T, C)
+                mahalanobis = (D * (w.transpose(-1, -2) @ A)).sum((-2, -1))
+            kl = 0.5 * (mahalanobis - C * tr_drop + C * logdet)
+    elif form == "information":
+        Ws = w / s[..., None]  # (B, T, K)  S^{-1} W
+        P = Ws.transpose(-1, -2) @ w  # (B, K, K)  W^T S^{-1} W, the precision the items add
+        H = Ws.transpose(-1, -2) @ Delta  # (B, K, C)  W^T S^{-1} Delta
+        eye_K = torch.eye(K, dtype=U.dtype, device=U.device)
+        if u0 is not None:
+            u = _as_batch(u0, U)
+            U_inv = eye_K / u[..., None, None]  # (B, K, K)  U^{-1} = I / u
+            logdet_U = K * u.log()
+        else:
+            L_U = safe_cholesky(U)
+            U_inv = torch.cholesky_inverse(L_U)  # (B, K, K)
+            logdet_U = _logdet_from_factor(L_U)
+        L = safe_cholesky(U_inv + P)  # (B, K, K)  chol(U'^{-1}), U'^{-1} = U^{-1} + W^T S^{-1} W
+        U_new = torch.cholesky_inverse(L).mT  # (B, K, K)  U' (symmetric: .mT is its row-major view)
+        D = U_new @ H  # (B, K, C)  R' - R = U' W^T S^{-1} Delta
+        if with_kl:
+            tr_drop = (P * U_new).sum((-2, -1))  # (B,)  K - tr(U^{-1} U') = tr(W^T S^{-1} W U')
+            logdet = logdet_U + _logdet_from_factor(L)  # (B,)  ln|U| - ln|U'| = ln|U| + ln|U'^{-1}|
+            if u0 is not None:
+                mahalanobis = D.pow(2).sum((-2, -1)) / u  # (B,)
+            else:
+                mahalanobis = (D * (U_inv @ D)).sum((-2, -1))
+            kl = 0.5 * (mahalanobis - C * tr_drop + C * logdet)
     else:
-        Sigma_z = Sigma_c @ w.transpose(-1, -2) + sigma_xi2 * eye_T  # (B, T, T)
-    G = torch.cholesky_solve(Sigma_c, safe_cholesky(Sigma_z))  # (B, T, K)  Sigma_z^{-1} Sigma_c
-    R_new = R + G.transpose(-1, -2) @ Delta  # R + Sigma_c^T Sigma_z^{-1} Delta
-    U_new = U - Sigma_c.transpose(-1, -2) @ G  # U - Sigma_c^T Sigma_z^{-1} Sigma_c
-    return MemoryState(R_new, _symmetrise_and_clip(U_new, u_diag_clip))
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return MemoryState(R + D, _symmetrise_and_clip(U_new, u_diag_clip)), kl
 
 
 def write_online(
@@ -179,12 +302,14 @@ def write_online(
         w_t, z_t = w[..., t, :], z[..., t, :]  # (B, K), (B, C)
         wU = torch.einsum("...k,...kl->...l", w_t, U)  # (B, K)  w^T U (= (U w)^T, U symmetric)
         wUw = (wU * w_t).sum(-1)  # (B,)
-        s = wUw + (sigma_xi2[..., t] if per_item else sigma_xi2)  # (B,)  scalar Sigma_z
+        noise = sigma_xi2[..., t] if per_item else torch.as_tensor(sigma_xi2, dtype=U.dtype, device=U.device)
+        s = wUw + noise  # (B,)  scalar Sigma_z
         Delta = z_t - torch.einsum("...k,...kc->...c", w_t, R)  # (B, C)
         R = R + wU[..., :, None] * (Delta / s[..., None])[..., None, :]
         U = _symmetrise_and_clip(U - wU[..., :, None] * (wU / s[..., None])[..., None, :], u_diag_clip)
         beta = wUw / s  # (B,)
-        kl_steps.append(-0.5 * (C * beta - beta / s * Delta.pow(2).sum(-1) + C * torch.log1p(-beta)))
+        log_1m_beta = noise.log() - s.log()  # (B,)  ln(1 - beta) = ln(sigma_xi^2 / s), exact, finite as beta -> 1
+        kl_steps.append(-0.5 * (C * beta - beta / s * Delta.pow(2).sum(-1) + C * log_1m_beta))
     return MemoryState(R, U), torch.stack(kl_steps, dim=-1)
 
 
@@ -230,12 +355,32 @@ def log_prob_matrix_normal(M: Tensor, state: MemoryState) -> Tensor:
     return -0.5 * (K * C * math.log(2 * math.pi) + C * logdet + Y.pow(2).sum((-2, -1)))
 
 
+def kl_isotropic(q: MemoryState, R0: Tensor, u0: Tensor) -> Tensor:
+    """KL(MN(R_q, U_q, I_C) || MN(R_0, u I_K, I_C)) per batch element, against an isotropic prior::
+
+        1/2 [C tr(U_q) / u + ||R_q - R_0||_F^2 / u - K C + C (K ln u - ln|U_q|)]
+
+    One Cholesky factor (of U_q, for ln|U_q|) instead of ``kl_matrix_normal``'s two and a triangular solve.
+    ``R0`` (..., K, C) and ``u0`` (...) broadcast against the batch."""
+    K, C = q.R.shape[-2:]
+    u = torch.as_tensor(u0, dtype=q.U.dtype, device=q.U.device)
+    trace = torch.diagonal(q.U, dim1=-2, dim2=-1).sum(-1)  # (B,)  tr(U_q)
+    mahalanobis = (q.R - R0).pow(2).sum((-2, -1))  # (B,)  ||R_q - R_0||^2
+    logdet_q = _logdet_from_factor(safe_cholesky(q.U))  # (B,)
+    return 0.5 * (C * trace / u + mahalanobis / u - K * C + C * (K * u.log() - logdet_q))
+
+
 class KanervaMemory(nn.Module):
     """KM memory with a learned prior MN(R_0, U_0, I_C); a per-episode latent, never updated in place.
 
     R_0: (K, C) truncated-normal (std 1, cut at 2 std) init; U_0 = (exp(s) + 1e-6) I_K with scalar s init 0
     (official code; the 1e-6 is added on the diagonal only). sigma_xi is fixed unless ``learn_sigma_xi``,
     in which case ln sigma_xi is a parameter.
+
+    Precision of the memory algebra (writes, KLs, the sampling factor): autocast is off inside it (a bf16-mixed
+    model never runs a Cholesky or a K x K product in bf16) and it runs in the widest of float32, the inputs'
+    dtype and ``algebra_dtype`` (``model.memory_dtype=float64``: float64 inside a float32 model); results come
+    back in the parameters' dtype, so gradients flow through the casts.
     """
 
     def __init__(
@@ -246,10 +391,12 @@ class KanervaMemory(nn.Module):
         learn_sigma_xi: bool = False,
         u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
         machines: tuple[int, ...] = (),
+        algebra_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.K, self.C = K, C
         self.u_diag_clip = u_diag_clip
+        self.algebra_dtype = algebra_dtype
         # (*machines, K, C): several independent memories side by side (PKM), one by default
         self.R0 = nn.Parameter(nn.init.trunc_normal_(torch.empty(*machines, K, C), std=1.0, a=-2.0, b=2.0))
         self.s = nn.Parameter(torch.zeros(machines))  # ln prior variance scale (one per memory)
@@ -259,31 +406,84 @@ class KanervaMemory(nn.Module):
         else:
             self.register_buffer("log_sigma_xi", log_sigma_xi)
 
+    # ---- precision of the algebra ----------------------------------------------------------
+    def _dtype(self, *xs: Tensor) -> torch.dtype:
+        """The dtype the algebra runs in: the widest of float32, the inputs' and ``algebra_dtype``."""
+        dtypes = [torch.float32, self.R0.dtype, *(x.dtype for x in xs)]
+        if self.algebra_dtype is not None:
+            dtypes.append(self.algebra_dtype)
+        return max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
+
+    def _no_autocast(self):
+        return torch.autocast(self.R0.device.type, enabled=False)
+
+    def _out(self, state: MemoryState) -> MemoryState:
+        return MemoryState(state.R.to(self.R0.dtype), state.U.to(self.R0.dtype))
+
+    # ---- the prior and the algebra ----------------------------------------------------------
     @property
     def sigma_xi2(self) -> Tensor:
         """Observation noise variance sigma_xi^2 (scalar tensor)."""
         return torch.exp(2.0 * self.log_sigma_xi)
 
-    def prior(self, B: int) -> MemoryState:
+    @property
+    def u0(self) -> Tensor:
+        """Prior row-covariance scale u, U_0 = u I_K: shape (*machines,)."""
+        return torch.exp(self.s) + 1e-6
+
+    def prior(self, B: int, dtype: torch.dtype | None = None) -> MemoryState:
         """Prior MN(R_0, U_0, I_C) expanded to batch B (a view: differentiable w.r.t. R0 and s)."""
-        eye_K = torch.eye(self.K, dtype=self.R0.dtype, device=self.R0.device)
-        U0 = (torch.exp(self.s)[..., None, None] + 1e-6) * eye_K  # (*machines, K, K)
-        return MemoryState(self.R0.expand(B, *self.R0.shape), U0.expand(B, *U0.shape))
+        dtype = dtype or self.R0.dtype
+        eye_K = torch.eye(self.K, dtype=dtype, device=self.R0.device)
+        U0 = self.u0.to(dtype)[..., None, None] * eye_K  # (*machines, K, K)
+        R0 = self.R0.to(dtype)
+        return MemoryState(R0.expand(B, *R0.shape), U0.expand(B, *U0.shape))
+
+    def _posterior(self, w: Tensor, z: Tensor, sigma_xi2: Tensor, mode: str, with_kl: bool = True,
+                   steps: bool = False) -> tuple[MemoryState, Tensor | None, Tensor | None]:
+        """Write z (B, T, C) at w (B, T, K) with noise sigma_xi2 (scalar or per item) into the prior, in the
+        algebra's dtype: (posterior, KL(posterior || prior) (B,) or None, per-step KLs (B, T) or None)."""
+        dt = self._dtype(w, z)
+        with self._no_autocast():
+            B = w.shape[0]
+            prior = self.prior(B, dt)
+            u0 = self.u0.to(dt).expand(B, *self.u0.shape)  # (B, *machines)
+            w, z, sigma_xi2 = w.to(dt), z.to(dt), sigma_xi2.to(dt)
+            kl = kl_steps = None
+            if mode == "batched":
+                post, kl = _write(prior, w, z, sigma_xi2, self.u_diag_clip, "auto", u0, with_kl)
+            elif mode == "online":
+                post, kl_steps = write_online(prior, w, z, sigma_xi2, self.u_diag_clip)
+                if with_kl:
+                    kl = kl_isotropic(post, prior.R, u0)
+            else:
+                raise ValueError(f"mode must be 'batched' or 'online', got {mode!r}")
+            out_dtype = self.R0.dtype
+            return (self._out(post), None if kl is None else kl.to(out_dtype),
+                    kl_steps.to(out_dtype) if steps and kl_steps is not None else None)
 
     def write(self, state: MemoryState, w: Tensor, z: Tensor, mode: str = "batched") -> MemoryState:
-        """Posterior after writing codes z (B, T, C) at w (B, T, K); ``mode`` is "batched" or "online"."""
-        if mode == "batched":
-            return write_batched(state, w, z, self.sigma_xi2, self.u_diag_clip)
-        if mode == "online":
-            return write_online(state, w, z, self.sigma_xi2, self.u_diag_clip)[0]
+        """Posterior after writing codes z (B, T, C) at w (B, T, K) into ``state``; ``mode`` is "batched" or
+        "online"."""
+        dt = self._dtype(w, z, state.R)
+        with self._no_autocast():
+            state = MemoryState(state.R.to(dt), state.U.to(dt))
+            w, z, sigma_xi2 = w.to(dt), z.to(dt), self.sigma_xi2.to(dt)
+            if mode == "batched":
+                return self._out(write_batched(state, w, z, sigma_xi2, self.u_diag_clip))
+            if mode == "online":
+                return self._out(write_online(state, w, z, sigma_xi2, self.u_diag_clip)[0])
         raise ValueError(f"mode must be 'batched' or 'online', got {mode!r}")
 
-    def write_with_kl(
-        self, state: MemoryState, w: Tensor, z: Tensor, mode: str = "batched"
-    ) -> tuple[MemoryState, Tensor]:
-        """Posterior q(M | X) and the closed-form ELBO term KL(q(M | X) || p(M)) (B,) against the prior."""
-        posterior = self.write(state, w, z, mode)
-        return posterior, self.kl(posterior)
+    def write_with_kl(self, w: Tensor, z: Tensor, mode: str = "batched") -> tuple[MemoryState, Tensor]:
+        """q(M | X) after writing z (B, T, C) at w (B, T, K) into the prior, and the closed-form ELBO term
+        KL(q(M | X) || p(M)) (B,) (batched: from the write's own factor; on-line: ``kl_isotropic``)."""
+        post, kl, _ = self._posterior(w, z, self.sigma_xi2, mode)
+        return post, kl  # type: ignore[return-value]
+
+    def write_online_with_kls(self, w: Tensor, z: Tensor) -> tuple[MemoryState, Tensor, Tensor]:
+        """The on-line write into the prior: q(M | X), its closed-form KL (B,) and the per-step KLs (B, T)."""
+        return self._posterior(w, z, self.sigma_xi2, "online", steps=True)  # type: ignore[return-value]
 
     def read(self, state: MemoryState, w: Tensor) -> tuple[Tensor, Tensor]:
         """Mean (B, T, C) and per-coordinate variance (B, T) of z = w^T M + xi."""
@@ -291,8 +491,16 @@ class KanervaMemory(nn.Module):
 
     def sample(self, state: MemoryState, eps: Tensor | None = None) -> Tensor:
         """Reparameterised sample M (B, K, C)."""
-        return sample(state, eps)
+        dt = self._dtype(state.R)
+        if eps is None:
+            eps = torch.randn_like(state.R)
+        with self._no_autocast():
+            M = sample(MemoryState(state.R.to(dt), state.U.to(dt)), eps.to(dt))
+        return M.to(state.R.dtype)
 
     def kl(self, state: MemoryState) -> Tensor:
-        """KL(state || prior) per episode, shape (B,)."""
-        return kl_matrix_normal(state, self.prior(state.R.shape[0]))
+        """KL(state || prior) per episode, shape (B,) (``kl_isotropic``: U_0 = u I)."""
+        dt = self._dtype(state.R)
+        with self._no_autocast():
+            q = MemoryState(state.R.to(dt), state.U.to(dt))
+            return kl_isotropic(q, self.R0.to(dt), self.u0.to(dt)).to(self.R0.dtype)

@@ -55,6 +55,18 @@ def need(ok: bool, key: str, value: Any, what: str) -> None:
         raise ValueError(f"bad value for 'model.{key}': {value} (must be {what})")
 
 
+class MemoryDtype(Choice):
+    """dtype of the K x K memory algebra (writes, KLs, the sampling factor, DKM's address solves)."""
+
+    float32 = "float32"  # the model's own dtype (never below float32: autocast is off inside the algebra)
+    float64 = "float64"  # float64 inside a float32 model (cost: bench/memory.py --section memory_dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The ``algebra_dtype`` of ``KanervaMemory``: None (the model's) or torch.float64."""
+        return torch.float64 if self is MemoryDtype.float64 else None
+
+
 @dataclass
 class KLWeights:
     """Weights of the KL terms in the training loss only; every reported quantity keeps each KL in full.

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal, write_online
+from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal
 from km.memory.dynamic import SOLVERS
-from km.models.base import Choice, EpisodeModel, EpisodeOutput, ModelConfig, WriteMode, need
+from km.models.base import Choice, EpisodeModel, EpisodeOutput, MemoryDtype, ModelConfig, WriteMode, need
 from km.nets import NetConfig
 
 LOG_2PI = math.log(2 * math.pi)
@@ -65,6 +65,7 @@ class DKMConfig(ModelConfig):
     sigma_w_init: float = 0.3  # initial posterior std of w (learned)
     solver: Solver = Solver.ridge  # ridge | official (least squares on M M^T, see km.memory.dynamic)
     write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior
+    memory_dtype: MemoryDtype = MemoryDtype.float32  # float32 | float64: dtype of the K x K memory algebra
     memory_kl: MemoryKL = MemoryKL.closed  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
     sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
@@ -83,7 +84,8 @@ class DynamicKanervaMachine(EpisodeModel):
         cfg.check()
         self.memory = DynamicMemory(cfg.memory_size, cfg.code_dim, sigma_xi=cfg.sigma_xi,
                                     learn_sigma_xi=cfg.learn_sigma_xi, sigma_w0=cfg.sigma_w0,
-                                    sigma_w_init=cfg.sigma_w_init, solver=cfg.solver)
+                                    sigma_w_init=cfg.sigma_w_init, solver=cfg.solver,
+                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
         self.to_code = nn.Linear(self.encoder.out_dim, cfg.code_dim)  # e(x) = to_code(encoder(x))
 
     # ---- pieces --------------------------------------------------------------------------
@@ -91,21 +93,21 @@ class DynamicKanervaMachine(EpisodeModel):
         """x (B, T, C, H, W) -> z = e(x): (B, T, C_z)."""
         return self.to_code(self.encode_images(x))
 
-    def _write(self, z: torch.Tensor) -> tuple[MemoryState, torch.Tensor | None]:
-        """q(M | X) from codes z (B, T, C); also the per-step KLs (B,) when memory_kl is 'steps'."""
-        prior = self.memory.prior(z.shape[0])
-        w = self.memory.address(prior.R, z)  # (B, T, K) writing addresses against R_0
+    def _write(self, z: torch.Tensor) -> tuple[MemoryState, torch.Tensor, torch.Tensor | None]:
+        """q(M | X) from codes z (B, T, C), KL(q(M | X) || p(M)) (B,), and the sum of the per-step KLs (B,)
+        when memory_kl is 'steps' (else None)."""
+        w = self.memory.address(self.memory.R0.expand(z.shape[0], *self.memory.R0.shape), z)  # (B, T, K) on R_0
         if self.cfg.memory_kl == "steps":
-            post, kl_steps = write_online(prior, w, z, self.memory.sigma_xi2, self.memory.u_diag_clip)
-            return post, kl_steps.sum(-1)
-        return self.memory.write(prior, w, z, mode=self.cfg.write_mode), None
+            post, kl_M, kl_steps = self.memory.write_online_with_kls(w, z)
+            return post, kl_M, kl_steps.sum(-1)
+        return *self.memory.write_with_kl(w, z, mode=self.cfg.write_mode), None
 
     # ---- EpisodeModel interface -----------------------------------------------------------
     def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
         ctx, tgt = self.check_episodes(x, self.image_shape, targets)  # written items, scored items
         T = x.shape[1]
         z = self.embed(x)  # (B, T, C)
-        post, kl_steps = self._write(z[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K)
+        post, kl_M, kl_steps = self._write(z[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K); KL (B,)
         z, x = z[:, tgt], x[:, tgt]  # the scored items
         sample = self.cfg.sample or not self.training
         M = self.memory.sample(post) if sample else post.R  # (B, K, C)
@@ -114,7 +116,6 @@ class DynamicKanervaMachine(EpisodeModel):
         recon = -self.log_px(self.decode_codes(w @ M), x).mean(1)  # (B,)
         parts = {"kl_w": self.memory.kl_w(mu_w).mean(1)}  # (B,)
         if not targets:  # the held-out targets do not pay for the memory (it is the context's)
-            kl_M = self.memory.kl(post)  # (B,)
             parts["kl_M"] = kl_M / T
         kl = sum(parts.values())
         neg_elbo = recon + kl

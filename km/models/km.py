@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from km.memory import KanervaMemory, MemoryState, log_prob_matrix_normal
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, WriteMode, need
+from km.models.base import EpisodeModel, EpisodeOutput, MemoryDtype, ModelConfig, WriteMode, need
 from km.nets import NetConfig
 
 LOG_2PI = math.log(2 * math.pi)
@@ -87,6 +87,7 @@ class KMConfig(ModelConfig):
     sigma_xi: float = 1.0  # observation noise of memory reads/writes (initial value if learned)
     learn_sigma_xi: bool = True
     write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior, batched is the fast one
+    memory_dtype: MemoryDtype = MemoryDtype.float32  # float32 | float64: dtype of the K x K memory algebra
     sample_memory: bool = False  # False: exact expectation over q(M|X) (default); True: one M ~ q(M|X)
     kl_y_free_bits: float = 0.0  # training loss only: KL(q(y)||p(y)) counted as max(KL, this) per dimension
     start_as_vae: bool = True  # init q(y) = p(y) and small addresses, so step 0 scores like the VAE it extends
@@ -106,7 +107,8 @@ class KanervaMachine(EpisodeModel):
         super().__init__(cfg, net, image_shape, likelihood)
         cfg.check()
         E, K, C = self.encoder.out_dim, cfg.memory_size, cfg.code_dim
-        self.memory = KanervaMemory(K, C, sigma_xi=cfg.sigma_xi, learn_sigma_xi=cfg.learn_sigma_xi)
+        self.memory = KanervaMemory(K, C, sigma_xi=cfg.sigma_xi, learn_sigma_xi=cfg.learn_sigma_xi,
+                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
         self.q_y = nn.Linear(E, 2 * cfg.y_dim)  # -> (mu_y, log sigma_y)
         self.f = nn.Sequential(nn.Linear(cfg.y_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.addr_dim))
         self.A = nn.Parameter(torch.randn(K, cfg.addr_dim) / math.sqrt(cfg.addr_dim))  # (K, S) addresses
@@ -142,10 +144,10 @@ class KanervaMachine(EpisodeModel):
         d_mu, d_ls = self.q_z_top(torch.cat([e, r], dim=-1)).chunk(2, dim=-1)
         return mu_b + d_mu, (ls_b + d_ls).clamp(-8, 4), r
 
-    def _write(self, e: torch.Tensor, w: torch.Tensor) -> MemoryState:
-        """q(M | X): the exact posterior after writing the bottom-up codes mu_b(e_t) at addresses w_t."""
-        prior = self.memory.prior(e.shape[0])
-        return self.memory.write(prior, w, self.bottom_up(e)[0], mode=self.cfg.write_mode)
+    def _write(self, e: torch.Tensor, w: torch.Tensor) -> tuple[MemoryState, torch.Tensor]:
+        """q(M | X), the exact posterior after writing the bottom-up codes mu_b(e_t) at addresses w_t, and
+        KL(q(M | X) || p(M)) (B,) from the write's own factor."""
+        return self.memory.write_with_kl(w, self.bottom_up(e)[0], mode=self.cfg.write_mode)
 
     def _log_sigma_xi(self) -> torch.Tensor:
         return self.memory.log_sigma_xi
@@ -158,7 +160,7 @@ class KanervaMachine(EpisodeModel):
         mu_y, ls_y = self.posterior_y(e)  # (B, T, d_y)
         y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
         w = self.address(y)  # (B, T, K)
-        post = self._write(e[:, ctx], w[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K)
+        post, kl_M = self._write(e[:, ctx], w[:, ctx])  # q(M | X_ctx): R (B, K, C), U (B, K, K); KL (B,)
         e, w, mu_y, ls_y, x = e[:, tgt], w[:, tgt], mu_y[:, tgt], ls_y[:, tgt], x[:, tgt]  # the scored items
         ls_xi = self._log_sigma_xi()
         if self.cfg.sample_memory:  # one reparameterised M ~ q(M | X)
@@ -176,7 +178,7 @@ class KanervaMachine(EpisodeModel):
         kl_y = kl_y_dims.sum(-1).mean(1)  # (B,)
         parts = {"kl_y": kl_y, "kl_z": kl_z}
         if not targets:  # the joint bound pays for the memory; the held-out targets do not (it is the context's)
-            parts["kl_M"] = self.memory.kl(post) / T
+            parts["kl_M"] = kl_M / T
         kl = sum(parts.values())
         neg_elbo = recon + kl  # the reported bound: every KL in full
         loss = neg_elbo
@@ -187,7 +189,7 @@ class KanervaMachine(EpisodeModel):
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) from the episode x (B, T, C, H, W), addressing with the means of q(y|x)."""
         e = self.encode_images(x)
-        return self._write(e, self.address(self.posterior_y(e)[0]))
+        return self._write(e, self.address(self.posterior_y(e)[0]))[0]
 
     def addressing(self, x: torch.Tensor) -> torch.Tensor:
         """Addressing weights w (B, T, K) of x, at the means of q(y|x)."""
@@ -228,7 +230,7 @@ class KanervaMachine(EpisodeModel):
         for _ in range(samples):
             y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
             w = self.address(y)
-            post = self._write(e[:, ctx], w[:, ctx])
+            post = self._write(e[:, ctx], w[:, ctx])[0]
             M = self.memory.sample(post)
             et, wt, yt, mu_yt, ls_yt = e[:, tgt], w[:, tgt], y[:, tgt], mu_y[:, tgt], ls_y[:, tgt]
             # the proposal q(z | x, y, M) reads the same M as the bound does (sampled, or the mean R)

@@ -27,7 +27,7 @@ from torch import nn
 
 from km.memory import MemoryState, log_prob_matrix_normal
 from km.memory.product import ProductMemory, kl_machine_weights, machine_weights
-from km.models.base import EpisodeOutput, need
+from km.models.base import EpisodeOutput, MemoryDtype, need
 from km.models.km import KanervaMachine, KMConfig, gaussian_kl, gaussian_log_prob
 from km.nets import NetConfig
 
@@ -53,7 +53,8 @@ class ProductKanervaMachine(KanervaMachine):
         super().__init__(cfg, net, image_shape, likelihood)
         P = cfg.machines
         self.memory = ProductMemory(P, cfg.memory_size // P, cfg.code_dim, sigma_xi=cfg.sigma_xi,
-                                    learn_sigma_xi=cfg.learn_sigma_xi)
+                                    learn_sigma_xi=cfg.learn_sigma_xi,
+                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
         self.q_c = nn.Linear(self.encoder.out_dim, P)  # machine-weight logits from e(x)
 
     # ---- pieces --------------------------------------------------------------------------
@@ -67,9 +68,10 @@ class ProductKanervaMachine(KanervaMachine):
         """e (B, T, E) -> pi (B, T, P)."""
         return machine_weights(self.q_c(e), self.cfg.top_k)
 
-    def _write(self, e: torch.Tensor, w: torch.Tensor, pi: torch.Tensor) -> MemoryState:  # type: ignore[override]
-        prior = self.memory.prior(e.shape[0])
-        return self.memory.write(prior, w, self.bottom_up(e)[0], pi, mode=self.cfg.write_mode)
+    def _write(self, e: torch.Tensor, w: torch.Tensor,  # type: ignore[override]
+               pi: torch.Tensor) -> tuple[MemoryState, torch.Tensor]:
+        """Every machine's q(M_p | X) and sum_p KL(q(M_p | X) || p(M_p)) (B,)."""
+        return self.memory.write_with_kl(w, self.bottom_up(e)[0], pi, mode=self.cfg.write_mode)
 
     @staticmethod
     def _combine(pi: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ class ProductKanervaMachine(KanervaMachine):
         y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
         w = self.address(y)  # (B, P, T, K_p)
         pi = self.machine_weights(e)  # (B, T, P)
-        post = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])  # R (B, P, K_p, C), U (B, P, K_p, K_p)
+        post, kl_M = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])  # R (B, P, K_p, C), U (B, P, K_p, K_p)
         e, w, pi, x = e[:, tgt], w[:, :, tgt], pi[:, tgt], x[:, tgt]  # the scored items
         mu_y, ls_y = mu_y[:, tgt], ls_y[:, tgt]
         ls_xi = self._log_sigma_xi()
@@ -113,7 +115,7 @@ class ProductKanervaMachine(KanervaMachine):
         kl_y = kl_y_dims.sum(-1).mean(1)
         parts = {"kl_y": kl_y, "kl_c": kl_c, "kl_z": kl_z}
         if not targets:  # the held-out targets do not pay for the memory (it is the context's)
-            parts["kl_M"] = self.memory.kl(post) / T
+            parts["kl_M"] = kl_M / T
         kl = sum(parts.values())
         neg_elbo = recon + kl
         loss = neg_elbo
@@ -127,7 +129,7 @@ class ProductKanervaMachine(KanervaMachine):
 
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) for every machine, addressing with the means of q(y|x)."""
-        return self._write(*self._posterior_means(x))
+        return self._write(*self._posterior_means(x))[0]
 
     def addressing(self, x: torch.Tensor) -> torch.Tensor:
         """Addressing weights over all P * K_p slots (B, T, K), machine blocks side by side."""
@@ -169,7 +171,7 @@ class ProductKanervaMachine(KanervaMachine):
         for _ in range(samples):
             y = mu_y + torch.randn_like(mu_y) * ls_y.exp()
             w = self.address(y)
-            post = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])
+            post = self._write(e[:, ctx], w[:, :, ctx], pi[:, ctx])[0]
             M = self.memory.sample(post)
             et, wt, pit, yt = e[:, tgt], w[:, :, tgt], pi[:, tgt], y[:, tgt]
             mu_z, ls_z, _ = self._read_z(et, wt, pit, M if self.cfg.sample_memory else post.R)
