@@ -15,8 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from km.config import ConfigError, DataConfig, to_dict
-from km.models import MODELS, EpisodeModel
+from km.models import EpisodeModel, model_class
 from km.runs import RunError, load_checkpoint, locate
+from km.schema import CONFIGS
 
 
 def quiet_lightning() -> None:
@@ -51,7 +52,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: str) -> EpisodeModel:
-    cls = MODELS[cfg.model.name][0]
+    cls = model_class(cfg.model.name)
     model_cfg = OmegaConf.to_object(cfg.model)  # the model's dataclass, nested ones (kl_weights) included
     net = OmegaConf.to_object(cfg.net)
     model = cls(model_cfg, net, image_shape, likelihood)
@@ -73,7 +74,7 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
     weights = state["state_dict"]
     src_cfg = state.get("km_config") or {}  # the source run's resolved config
     src_model = (src_cfg.get("model") or {}).get("name")
-    src_head = MODELS[src_model][0].z_head if src_model in MODELS else None
+    src_head = model_class(src_model).z_head if src_model in CONFIGS else None
     pairs = [(k, k) for k in weights if k.split(".", 1)[0] in ("encoder", "decoder")]
     if src_head and model.z_head:
         pairs += [(f"{src_head}.{p}", f"{model.z_head}.{p}") for p in ("weight", "bias")]
@@ -98,7 +99,7 @@ def plain_batches_for_memoryless(cfg: DictConfig) -> None:
     """A model without an episode-level latent (VAE) trains on iid batches: `data.episodes=class` groups
     a minibatch into few classes, which handicaps such a model and biases any comparison against it.
     Test episodes (`data.eval_episodes`) are untouched, so every model is scored on the same episodes."""
-    if not MODELS[cfg.model.name][0].episodic and str(cfg.data.episodes) == "class":
+    if not model_class(cfg.model.name).episodic and str(cfg.data.episodes) == "class":
         cfg.data.episodes = "iid"
         print(f"model={cfg.model.name} has no episode memory: it trains on iid batches "
               "(data.episodes=class applies to memory models only)", file=sys.stderr)

@@ -31,9 +31,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from km.config import compose_config
+
+    cfg = compose_config(args.overrides)  # a bad option is refused before torch is even imported
     from km.train import train
 
-    cfg = compose_config(args.overrides)
     summary = train(cfg, args.overrides)
     if "rank" in summary:  # DDP worker process: rank 0 prints
         return

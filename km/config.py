@@ -17,10 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from km.models import MODELS
-from km.models.base import Choice
-from km.nets import NetConfig
 from km.overrides import ConfigError, split_override
+from km.schema import CONFIGS, Choice, NetConfig
 
 GROUPS = ("model", "data", "trainer", "logger", "experiment")
 
@@ -106,7 +104,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: Any = None  # a model's dataclass, chosen by model.name (see km.models.MODELS)
+    model: Any = None  # a model's dataclass, chosen by model.name (see km.schema.MODELS)
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -138,10 +136,10 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     """Merge a plain config into the schemas; unknown keys and bad types raise ConfigError."""
     plain = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
     model_name = OmegaConf.select(plain, "model.name", default=None)
-    if model_name not in MODELS:
-        raise ConfigError(f"unknown model '{model_name}'; valid models: {', '.join(sorted(MODELS))}")
+    if model_name not in CONFIGS:
+        raise ConfigError(f"unknown model '{model_name}'; valid models: {', '.join(sorted(CONFIGS))}")
     schema = OmegaConf.structured(Config)
-    schema.model = OmegaConf.structured(MODELS[model_name][1])
+    schema.model = OmegaConf.structured(CONFIGS[model_name])
     try:
         merged = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as e:
@@ -261,7 +259,7 @@ def register_schemas() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, (_, cfg_cls) in MODELS.items():
+    for name, cfg_cls in CONFIGS.items():
         cs.store(group="model", name=f"{name}_schema", node=cfg_cls)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)

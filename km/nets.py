@@ -20,17 +20,11 @@ GPU not measured yet (bench/gpu.py runs whichever the config says).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-
-@dataclass
-class NetConfig:
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # filters of the 3 blocks
-    embed_dim: int = 256  # size of the encoder output e(x)
-    channels_last: bool = False  # NHWC conv activations and weights (faster on CPU: module doc; opt-in)
+from km.schema import NetConfig  # noqa: F401 - re-exported
 
 
 class ResBlock(nn.Module):

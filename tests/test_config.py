@@ -121,3 +121,29 @@ def test_bad_command_options_are_one_line_exit_2(argv: list[str], expected: str,
         main(argv)  # checked before the (nonexistent) run is looked at
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_commands_that_do_not_train_import_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    """`km --help`, `km config`, `km data check`, `km sweep start/status`, `km compare`: one fresh interpreter
+    runs them all and then must hold neither torch nor Lightning (their start-up: bench/startup.py)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec, sw = root / "sweeps" / "compare_baselines.yaml", tmp_path / "sw"
+    runs = [["--help"], ["config", "model=km"], ["config", "model=dkm", "model.solver=official"],
+            ["data", "check", "mnist"], ["sweep", "start", str(spec), "--local", "--dir", str(sw)],
+            ["sweep", "status", str(sw)], ["compare", str(tmp_path / "none")], ["train", "model.lrr=1"]]
+    probe = ("import sys\nfrom km.cli import main\nfor argv in %r:\n    try:\n        main(argv)\n"
+             "    except SystemExit:\n        pass\nheavy = {'torch', 'pytorch_lightning', 'lightning_fabric'} & set(sys.modules)\n"
+             "print('IMPORTED', sorted(heavy), file=sys.stderr)" % (runs,))
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=300)
+    assert p.stderr.strip().splitlines()[-1] == "IMPORTED []", p.stderr[-2000:]
+    assert "model:" in p.stdout and (sw / "state.json").exists()
+
+
+def test_dkm_solver_choices_are_the_memory_solvers() -> None:
+    from km.memory.dynamic import SOLVERS
+    from km.schema import Solver
+
+    assert sorted(s.value for s in Solver) == sorted(SOLVERS)

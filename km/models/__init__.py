@@ -1,23 +1,40 @@
-"""Model registry: name -> (LightningModule class, config dataclass).
+"""Models: `MODELS` maps a name to (LightningModule class, config dataclass).
 
-A new model plugs in by adding one line here and one `configs/model/<name>.yaml`.
+A model is registered once, in `km.schema.MODELS` (its name, the dotted path of its class, its config
+dataclass), plus its `configs/model/<name>.yaml`. The classes import torch and Lightning, so they load on first
+use (PEP 562): `from km.models import MODELS` costs nothing until a model is needed.
 """
 
 from __future__ import annotations
 
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, NonFiniteLossError
-from km.models.dkm import DKMConfig, DynamicKanervaMachine
-from km.models.km import KanervaMachine, KMConfig
-from km.models.kpp import KanervaPlusPlus, KPPConfig
-from km.models.pkm import PKMConfig, ProductKanervaMachine
-from km.models.vae import VAE, VAEConfig
+import importlib
+from typing import Any
 
-MODELS: dict[str, tuple[type[EpisodeModel], type[ModelConfig]]] = {
-    "vae": (VAE, VAEConfig),
-    "km": (KanervaMachine, KMConfig),
-    "dkm": (DynamicKanervaMachine, DKMConfig),
-    "pkm": (ProductKanervaMachine, PKMConfig),
-    "kpp": (KanervaPlusPlus, KPPConfig),
-}
+from km.runs import NonFiniteLossError
+from km.schema import CONFIGS, ModelConfig
+from km.schema import MODELS as REGISTRY
 
-__all__ = ["MODELS", "KPPConfig", "KanervaPlusPlus", "PKMConfig", "ProductKanervaMachine", "DKMConfig", "DynamicKanervaMachine", "KanervaMachine", "KMConfig", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError", "VAE", "VAEConfig"]
+_BASE = ("EpisodeModel", "EpisodeOutput")
+
+
+def model_class(name: str) -> type:
+    """The LightningModule class of model `name` (imports it)."""
+    module, cls = REGISTRY[name][0].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(attr: str) -> Any:
+    if attr == "MODELS":
+        return {name: (model_class(name), cfg) for name, (_, cfg) in REGISTRY.items()}
+    if attr in _BASE:
+        return getattr(importlib.import_module("km.models.base"), attr)
+    for name, (path, cfg) in REGISTRY.items():
+        if attr == path.split(":")[1]:
+            return model_class(name)
+        if attr == cfg.__name__:
+            return cfg
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["CONFIGS", "MODELS", "REGISTRY", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError",
+           "model_class"]

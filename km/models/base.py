@@ -21,7 +21,6 @@ convention), in nats/image for binary data and bits/dim for 8-bit data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,82 +28,19 @@ import torch
 
 from km.likelihoods import make_likelihood
 from km.memory.kanerva import NonPositiveDefiniteError
-from km.nets import Decoder, Encoder, NetConfig
+from km.nets import Decoder, Encoder
 from km.runs import NonFiniteLossError
-
-
-class Choice(str, Enum):
-    """String options checked at config time (str mixin: members compare equal to their strings), so a typo
-    in any of them is a one-line config error naming the valid values, never a traceback mid-run."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Optimizer(Choice):
-    adam = "adam"  # torch.optim.Adam (KM paper)
-    rmsprop = "rmsprop"  # torch.optim.RMSprop (the K++ authors' runs, with gradient clip 5)
-
-
-WriteMode = Choice("WriteMode", {"batched": "batched", "online": "online"})  # same posterior; batched is faster
-
-
-def need(ok: bool, key: str, value: Any, what: str) -> None:
-    """A model option's range check (`ModelConfig.check`): ValueError with the key, its value and the rule."""
-    if not ok:
-        raise ValueError(f"bad value for 'model.{key}': {value} (must be {what})")
-
-
-class MemoryDtype(Choice):
-    """dtype of the K x K memory algebra (writes, KLs, the sampling factor, DKM's address solves)."""
-
-    float32 = "float32"  # the model's own dtype (never below float32: autocast is off inside the algebra)
-    float64 = "float64"  # float64 inside a float32 model (cost: bench/memory.py --section memory_dtype)
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        """The ``algebra_dtype`` of ``KanervaMemory``: None (the model's) or torch.float64."""
-        return torch.float64 if self is MemoryDtype.float64 else None
-
-
-@dataclass
-class KLWeights:
-    """Weights of the KL terms in the training loss only; every reported quantity keeps each KL in full.
-
-    The effective weight at optimiser step s is `weight * min(1, (s + 1) / warmup_steps)` (linear warm-up;
-    0 steps: the weight from the start)."""
-
-    memory: float = 1.0  # KL(q(M | X) || p(M)) (the K++ authors ran 0)
-    z: float = 1.0  # KL of the per-item code z (KM, PKM, K++; DKM has no z)
-    addressing: float = 1.0  # KL of the addressing latents: y and machine weights c (KM, PKM), w (DKM), keys Y (K++)
-    warmup_steps: int = 0
-
-
-# EpisodeOutput.parts name -> KLWeights field
-KL_GROUPS = {"kl_M": "memory", "kl_z": "z", "kl_y": "addressing", "kl_c": "addressing", "kl_w": "addressing",
-             "kl_Y": "addressing"}
-
-
-@dataclass
-class ModelConfig:
-    """Fields every model has. Each model extends it with its own."""
-
-    name: str = "?"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    code_dim: int = 64  # C: size of the latent code z that the decoder reads
-    optimizer: Optimizer = Optimizer.adam
-    kl_weights: KLWeights = field(default_factory=KLWeights)
-
-    def check(self) -> None:
-        """Ranges a type cannot express, checked when the config is composed (before any run directory
-        exists); each model adds its own. Raises ValueError (one line: the key, its value, the rule)."""
-        need(self.lr > 0, "lr", self.lr, "> 0")
-        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        need(self.code_dim >= 1, "code_dim", self.code_dim, ">= 1")
-        for k in ("memory", "z", "addressing", "warmup_steps"):
-            v = getattr(self.kl_weights, k)
-            need(v >= 0, f"kl_weights.{k}", v, ">= 0")
+from km.schema import (  # noqa: F401 - re-exported
+    KL_GROUPS,
+    Choice,
+    KLWeights,
+    MemoryDtype,
+    ModelConfig,
+    NetConfig,
+    Optimizer,
+    WriteMode,
+    need,
+)
 
 
 @dataclass

@@ -36,46 +36,16 @@ memory and left out). Generation: w ~ p(w), M ~ q(M | X), decode w^T M, then run
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal
-from km.memory.dynamic import SOLVERS
-from km.models.base import Choice, EpisodeModel, EpisodeOutput, MemoryDtype, ModelConfig, WriteMode, need
+from km.models.base import EpisodeModel, EpisodeOutput, MemoryDtype
 from km.nets import NetConfig
+from km.schema import DKMConfig, MemoryKL, Solver  # noqa: F401 - re-exported
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-Solver = Choice("Solver", {s: s for s in SOLVERS})
-MemoryKL = Choice("MemoryKL", {"closed": "closed", "steps": "steps"})
-
-
-@dataclass
-class DKMConfig(ModelConfig):
-    name: str = "dkm"
-    lr: float = 1e-3
-    code_dim: int = 100  # C: embedding size = memory width
-    memory_size: int = 32  # K slots (official Omniglot setting)
-    sigma_xi: float = 1.0  # observation noise of writes; lam = sigma_xi^2 / sigma_w0^2
-    learn_sigma_xi: bool = False
-    sigma_w0: float = 1.0  # prior std of the addressing weights
-    sigma_w_init: float = 0.3  # initial posterior std of w (learned)
-    solver: Solver = Solver.ridge  # ridge | official (least squares on M M^T, see km.memory.dynamic)
-    write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior
-    memory_dtype: MemoryDtype = MemoryDtype.float32  # float32 | float64: dtype of the K x K memory algebra
-    memory_kl: MemoryKL = MemoryKL.closed  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
-    sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
-    ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
-
-    def check(self) -> None:
-        super().check()
-        need(self.memory_size >= 1, "memory_size", self.memory_size, ">= 1")
-        for k in ("sigma_xi", "sigma_w0", "sigma_w_init"):
-            need(getattr(self, k) > 0, k, getattr(self, k), "> 0: a standard deviation")
-        need(self.ae_weight >= 0, "ae_weight", self.ae_weight, ">= 0")
 
 
 class DynamicKanervaMachine(EpisodeModel):

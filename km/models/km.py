@@ -51,15 +51,15 @@ decode; the paper's samples then run iterative reading on them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from km.memory import KanervaMemory, MemoryState, log_prob_matrix_normal
-from km.models.base import EpisodeModel, EpisodeOutput, MemoryDtype, ModelConfig, WriteMode, need
+from km.models.base import EpisodeModel, EpisodeOutput, MemoryDtype
 from km.nets import NetConfig
+from km.schema import KMConfig  # noqa: F401 - re-exported
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -73,31 +73,6 @@ def gaussian_kl(mu_q, log_sigma_q, mu_p, log_sigma_p) -> torch.Tensor:
     """KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) for diagonal Gaussians, summed over the last dim."""
     var_ratio = (2 * (log_sigma_q - log_sigma_p)).exp()
     return 0.5 * (var_ratio + ((mu_q - mu_p) / log_sigma_p.exp()) ** 2 - 1 - 2 * (log_sigma_q - log_sigma_p)).sum(-1)
-
-
-@dataclass
-class KMConfig(ModelConfig):
-    name: str = "km"
-    lr: float = 1e-3
-    code_dim: int = 100  # C: code size = memory width
-    memory_size: int = 64  # K slots
-    y_dim: int = 16  # d_y: addressing latent
-    addr_dim: int = 64  # S: size of b = f(y), the address-space
-    hidden: int = 256  # width of f and of the q(z | x, y, M) network
-    sigma_xi: float = 1.0  # observation noise of memory reads/writes (initial value if learned)
-    learn_sigma_xi: bool = True
-    write_mode: WriteMode = WriteMode.batched  # batched | online: same posterior, batched is the fast one
-    memory_dtype: MemoryDtype = MemoryDtype.float32  # float32 | float64: dtype of the K x K memory algebra
-    sample_memory: bool = False  # False: exact expectation over q(M|X) (default); True: one M ~ q(M|X)
-    kl_y_free_bits: float = 0.0  # training loss only: KL(q(y)||p(y)) counted as max(KL, this) per dimension
-    start_as_vae: bool = True  # init q(y) = p(y) and small addresses, so step 0 scores like the VAE it extends
-
-    def check(self) -> None:
-        super().check()
-        for k in ("memory_size", "y_dim", "addr_dim", "hidden"):
-            need(getattr(self, k) >= 1, k, getattr(self, k), ">= 1")
-        need(self.sigma_xi > 0, "sigma_xi", self.sigma_xi, "> 0: the observation noise of the memory")
-        need(self.kl_y_free_bits >= 0, "kl_y_free_bits", self.kl_y_free_bits, ">= 0")
 
 
 class KanervaMachine(EpisodeModel):

@@ -24,34 +24,15 @@ mean of p(z | M, Y). Generation: Y ~ p(Y), M ~ q(M | X) (or p(M)), z ~ p(z | M, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from km.memory.block import BlockMemoryWriter, key_to_theta, read_windows
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig, need
+from km.models.base import EpisodeModel, EpisodeOutput
 from km.models.km import gaussian_kl, gaussian_log_prob
 from km.nets import NetConfig
-
-
-@dataclass
-class KPPConfig(ModelConfig):
-    name: str = "kpp"
-    lr: float = 1e-3
-    code_dim: int = 100  # C: size of z
-    mem_channels: int = 8  # C_m
-    mem_size: int = 16  # S: the memory is S x S cells (8, 16, 32, ...)
-    window: int = 8  # w: each read cuts a w x w window
-    read_steps: int = 3  # iterative read inference steps refining the keys (0: keys from e(x) only)
-    hidden: int = 256
-
-    def check(self) -> None:
-        super().check()
-        for k in ("mem_channels", "mem_size", "hidden"):
-            need(getattr(self, k) >= 1, k, getattr(self, k), ">= 1")
-        need(1 <= self.window <= self.mem_size, "window", self.window, f"in [1, model.mem_size = {self.mem_size}]")
-        need(self.read_steps >= 0, "read_steps", self.read_steps, ">= 0")
+from km.schema import KPPConfig  # noqa: F401 - re-exported
 
 
 class KanervaPlusPlus(EpisodeModel):

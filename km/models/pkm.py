@@ -20,31 +20,16 @@ c ~ Uniform(P), z ~ N(w_c^T M_c, sigma_xi^2), decode.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from km.memory import MemoryState, log_prob_matrix_normal
 from km.memory.product import ProductMemory, kl_machine_weights, machine_weights
-from km.models.base import EpisodeOutput, MemoryDtype, need
-from km.models.km import KanervaMachine, KMConfig, gaussian_kl, gaussian_log_prob
+from km.models.base import EpisodeOutput, MemoryDtype
+from km.models.km import KanervaMachine, gaussian_kl, gaussian_log_prob
 from km.nets import NetConfig
-
-
-@dataclass
-class PKMConfig(KMConfig):
-    name: str = "pkm"
-    memory_size: int = 64  # K: total slots, split evenly among the machines (K_p = K / P)
-    machines: int = 4  # P
-    top_k: int = 0  # 0: soft weights over all machines; k: only the k largest per item (sparse)
-
-    def check(self) -> None:
-        super().check()
-        need(self.machines >= 1, "machines", self.machines, ">= 1")
-        need(self.memory_size % self.machines == 0, "memory_size", self.memory_size,
-             f"a multiple of model.machines = {self.machines}: each machine gets memory_size / machines slots")
-        need(0 <= self.top_k <= self.machines, "top_k", self.top_k, f"in [0, model.machines = {self.machines}]")
+from km.schema import PKMConfig  # noqa: F401 - re-exported
 
 
 class ProductKanervaMachine(KanervaMachine):

@@ -10,20 +10,13 @@ p(z) = N(0, I), x ~ p(x | decoder(z)).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from km.models.base import EpisodeModel, EpisodeOutput, ModelConfig
+from km.models.base import EpisodeModel, EpisodeOutput
 from km.nets import NetConfig
-
-
-@dataclass
-class VAEConfig(ModelConfig):
-    name: str = "vae"
-    lr: float = 1e-3
-    code_dim: int = 100
+from km.schema import VAEConfig  # noqa: F401 - re-exported
 
 
 class VAE(EpisodeModel):
