@@ -134,9 +134,9 @@ def test_commands_that_do_not_train_import_neither_torch_nor_lightning(tmp_path:
     runs = [["--help"], ["config", "model=km"], ["config", "model=dkm", "model.solver=official"],
             ["data", "check", "mnist"], ["sweep", "start", str(spec), "--local", "--dir", str(sw)],
             ["sweep", "status", str(sw)], ["compare", str(tmp_path / "none")], ["train", "model.lrr=1"]]
-    probe = ("import sys\nfrom km.cli import main\nfor argv in %r:\n    try:\n        main(argv)\n"
+    probe = (f"import sys\nfrom km.cli import main\nfor argv in {runs!r}:\n    try:\n        main(argv)\n"
              "    except SystemExit:\n        pass\nheavy = {'torch', 'pytorch_lightning', 'lightning_fabric'} & set(sys.modules)\n"
-             "print('IMPORTED', sorted(heavy), file=sys.stderr)" % (runs,))
+             "print('IMPORTED', sorted(heavy), file=sys.stderr)")
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=300)
     assert p.stderr.strip().splitlines()[-1] == "IMPORTED []", p.stderr[-2000:]
     assert "model:" in p.stdout and (sw / "state.json").exists()
