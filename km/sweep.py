@@ -591,15 +591,26 @@ def status_table(sweep_dir: Path) -> str:
     runs = state["runs"]
     done = [r for r in runs if r.get("metric") is not None and r["status"] in ("finished", "stopped")]
     best = (max if goal == "maximize" else min)(done, key=lambda r: r["metric"])["name"] if done else None
+    # only the parameters that differ between runs, by their shortest unambiguous name; errors cut to 70 chars,
+    # so a row fits a terminal (the full record: state.json and logs/<run>.err)
+    keys = list(dict.fromkeys(k for r in runs for k in r["config"]))
+    varying = [k for k in keys if len({_fmt(r["config"].get(k)) for r in runs}) > 1] or keys
+    short = {k: k.rsplit(".", 1)[-1] for k in varying}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in varying}
+    fixed = {k: _fmt(runs[0]["config"].get(k)) for k in keys if k not in varying}
     rows = [("run", "config", "status", name or "metric", "note")]
     for r in runs:
-        cfg = " ".join(f"{k}={_fmt(v)}" for k, v in r["config"].items())
+        cfg = " ".join(f"{short[k]}={_fmt(r['config'].get(k))}" for k in varying)
         m = f"{r['metric']:.4f}" if r.get("metric") is not None else "-"
-        note = ("* best" if r["name"] == best else "") + (f" {r['error']}" if r.get("error") else "")
+        err = r.get("error") or ""
+        note = ("* best" if r["name"] == best else "") + (f" {err[:70]}{'...' if len(err) > 70 else ''}" if err else "")
         rows.append((r["name"], cfg, r["status"], m, note.strip()))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"sweep {state['name']} ({spec.get('method')}, {goal} {name}): {len(runs)} run(s)"
              + (", grid exhausted" if state.get("exhausted") else "")]
+    if fixed:
+        lines.append("same in every run: " + " ".join(f"{k}={v}" for k, v in fixed.items()))
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + (f"  {row[4]}" if row[4] else ""))
     return "\n".join(lines)
