@@ -250,7 +250,8 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
     if ckpt is not None:
         if rank_zero:
             truncate_metrics(run_dir, start_epoch - 1)
-        print(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch} of {cfg.trainer.max_epochs})", file=sys.stderr)
+        print(f"resuming {run_dir} from {ckpt.name}: epoch {start_epoch + 1} of {cfg.trainer.max_epochs} next",
+              file=sys.stderr)
 
     trainer, grid = make_trainer(cfg, run_dir, wandb_id, steps_per_epoch=len(dm.episodes("train")))
     t_fit = time.time()

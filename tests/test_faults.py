@@ -225,7 +225,7 @@ def test_the_divergence_advice_works_when_followed(tmp_path: Path, monkeypatch, 
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     run_dir = tmp_path / "runs" / "default" / "nan"
-    assert "at epoch 1" in err and f"km train resume={run_dir} model.lr=0.0003 trainer.gradient_clip_val=5" in err
+    assert "at epoch 2 (counting from 1)" in err and f"km train resume={run_dir} model.lr=0.0003 trainer.gradient_clip_val=5" in err
     advice = err.split("continue with: km ", 1)[1].split()
     main(advice)  # the printed command, as printed
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

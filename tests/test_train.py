@@ -297,7 +297,7 @@ def test_a_diverged_memory_stops_like_a_nan_loss(tmp_path: Path, monkeypatch, ca
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: training stopped: non-finite or non-positive-definite memory"), err
-    assert "at epoch 1, step 10" in err and "Traceback" not in err
+    assert "at epoch 2 (counting from 1), step 10" in err and "Traceback" not in err
     run_dir = tmp_path / "runs" / "default" / "div"
     assert read_meta(run_dir)["status"] == "failed"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0

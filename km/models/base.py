@@ -219,7 +219,7 @@ class EpisodeModel(pl.LightningModule):
                 self._log_value(f"{split}/heldout_nll_is{is_samples}", -self.log_likelihood_is(x, is_samples, n), B)
 
     def _diverged(self, what: str) -> NonFiniteLossError:
-        return NonFiniteLossError(f"{what} at epoch {self.current_epoch}, step {self.global_step}")
+        return NonFiniteLossError(f"{what} at epoch {self.current_epoch + 1} (counting from 1), step {self.global_step}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["x"]
@@ -230,7 +230,7 @@ class EpisodeModel(pl.LightningModule):
         loss = self.training_loss(out)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
+                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch + 1} (counting from 1), step {self.global_step}"
             )
         self.log("train/loss", loss.detach(), batch_size=x.shape[0], on_step=True, on_epoch=True)
         self._log_terms("train", out, x.shape[0])
