@@ -86,15 +86,15 @@ def _capture_writes(model, monkeypatch: pytest.MonkeyPatch) -> list:
     if model.cfg.name == "kpp":  # the K++ writer is a module: a forward hook sees q(M | X)
         model.writer.register_forward_hook(lambda module, args, out: seen.append(out))
         return seen
-    owner, attr = model.memory, "write"
-    original = getattr(owner, attr)
+    for attr in ("write_with_kl", "write_online_with_kls"):  # the models write through these (posterior, KL...)
+        original = getattr(model.memory, attr)
 
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out)
-        return out
+        def recording(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            seen.append(out[0])
+            return out
 
-    monkeypatch.setattr(owner, attr, recording)
+        monkeypatch.setattr(model.memory, attr, recording)
     return seen
 
 
