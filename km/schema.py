@@ -11,7 +11,7 @@ run directory exists, and raises ValueError with one line: the key, its value an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -84,6 +84,10 @@ class ModelConfig:
     def check(self) -> None:
         """Ranges a type cannot express, checked when the config is composed (before any run directory
         exists); each model adds its own. Raises ValueError (one line: the key, its value, the rule)."""
+        for f in fields(self):  # choices: OmegaConf checks them when composing; a config built in code gets it here
+            if isinstance(f.default, Choice):
+                valid = [str(c) for c in type(f.default)]
+                need(str(getattr(self, f.name)) in valid, f.name, getattr(self, f.name), "one of " + ", ".join(valid))
         need(self.lr > 0, "lr", self.lr, "> 0")
         need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         need(self.code_dim >= 1, "code_dim", self.code_dim, ">= 1")
