@@ -40,53 +40,6 @@ def _state(d: Path) -> dict:
 
 
 @needs_data
-def test_grid_sweep_survives_agent_kill_and_restart(tmp_path: Path) -> None:
-    """2x2 grid (model.lr x seed): kill -9 the agent during run 3, restart: 4 finished runs, none repeated."""
-    spec = _spec(tmp_path, {"model.lr": {"values": [0.001, 0.003]}, "seed": {"values": [1, 2]}})
-    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST))
-    proc = subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            runs = _state(d)["runs"]
-            if sum(r["status"] == "finished" for r in runs) == 2 and len(runs) == 3:
-                break
-            assert proc.poll() is None, "agent ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("agent did not finish 2 runs in time")
-        time.sleep(1.0)  # let run 3's trainer start
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the agent and its km train child
-        proc.wait()
-    before = {r["name"]: r for r in _state(d)["runs"]}
-    assert [before[n]["status"] for n in ("r001", "r002", "r003")] == ["finished", "finished", "running"]
-    runs_root = tmp_path / "runs" / "sw"
-    evals = {n: (runs_root / n / "eval.json").stat().st_mtime_ns for n in ("r001", "r002")}
-
-    summary = sweep.run_agent(d)  # restart, in-process
-    assert summary == {"started": 2, "failed": 0, "reason": "the grid is exhausted"}
-    state = _state(d)
-    runs = {r["name"]: r for r in state["runs"]}
-    assert sorted(runs) == ["r001", "r002", "r003", "r004"] and state["exhausted"]
-    assert sorted(p.name for p in runs_root.iterdir()) == ["r001", "r002", "r003", "r004"]
-    for r in runs.values():
-        assert r["status"] == "finished" and isinstance(r["metric"], float) and r["exit_code"] == 0
-    for n in ("r001", "r002"):  # not repeated
-        assert runs[n]["attempts"] == 1 and runs[n]["ended"] == before[n]["ended"]
-        assert (runs_root / n / "eval.json").stat().st_mtime_ns == evals[n]
-    assert runs["r003"]["attempts"] == 2 and runs["r003"]["config"] == before["r003"]["config"]
-    configs = {(r["config"]["model.lr"], r["config"]["seed"]) for r in runs.values()}
-    assert configs == {(0.001, 1), (0.001, 2), (0.003, 1), (0.003, 2)}
-    # each run trained with its own suggested values
-    saved = yaml.safe_load((runs_root / "r004" / "config.yaml").read_text())
-    assert (saved["model"]["lr"], saved["seed"]) == (runs["r004"]["config"]["model.lr"], runs["r004"]["config"]["seed"])
-    table = sweep.status_table(d)
-    assert "r004" in table and "* best" in table
-
-
-@needs_data
 def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = _spec(tmp_path, {"data.batch_size": {"values": [0, 4]}})
     d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST))
@@ -185,36 +138,66 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
     assert time.time() - t0 > 0.5 and p.wait(timeout=10) == 0 and lock_holder(run_dir) is None
 
 
+def _agent(d: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait(what: str, ok, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not ok():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"the agent ended before {what}"
+        time.sleep(0.05)
+
+
 @needs_data
-def test_an_agent_killed_alone_leaves_its_trainer_which_the_restarted_agent_waits_for(tmp_path: Path) -> None:
-    """kill -9 on the agent only: its trainer (own session) finishes the run; the restarted agent waits for it
-    instead of starting a second trainer on the same run, records it, and goes on. No run trained twice, no
-    duplicated metrics rows, no second set of checkpoints."""
-    from km.runs import lock_holder
+def test_sweep_agents_killed_with_9_lose_nothing_and_train_nothing_twice(tmp_path: Path) -> None:
+    """A 2-run grid. (1) kill -9 the agent alone during r001: its trainer (own session) goes on; (2) a second
+    agent waits for that orphan instead of starting a second trainer on r001, records it, and starts r002;
+    (3) kill -9 that agent AND its trainer after r002's first epoch; (4) a third agent resumes r002 from its
+    last checkpoint and exhausts the grid. No run trained twice, no metrics row twice, no second checkpoint set."""
+    from km.runs import lock_holder, read_meta
 
     spec = _spec(tmp_path, {"seed": {"values": [1, 2]}})
-    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST, "trainer.max_epochs=3"))
-    run1 = tmp_path / "runs" / "sw" / "r001"
-    proc = subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while lock_holder(run1) is None:  # r001's trainer has started and holds its run
-            assert time.time() < deadline and proc.poll() is None, "the agent's trainer never started"
-            time.sleep(0.1)
-    finally:
-        proc.kill()  # the agent alone
-        proc.wait()
-    trainer_pid = lock_holder(run1)
-    assert trainer_pid is not None, "the trainer should outlive its agent"
+    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST, "trainer.max_epochs=4"))
+    runs_root = tmp_path / "runs" / "sw"
+    r1, r2 = runs_root / "r001", runs_root / "r002"
 
-    summary = sweep.run_agent(d)  # restarted: waits for the orphan, records it, runs r002
-    assert lock_holder(run1) is None
+    a = _agent(d)
+    try:
+        _wait("r001's trainer", lambda: lock_holder(r1) is not None, a)
+    finally:
+        a.kill()  # the agent alone
+        a.wait()
+    orphan = lock_holder(r1)
+    assert orphan is not None, "the trainer outlives its agent"
+
+    b = _agent(d)
+    try:
+        _wait("r002's first epoch", lambda: (r2 / "checkpoints" / "last.ckpt").exists(), b)
+        trainer2 = lock_holder(r2)
+    finally:
+        b.kill()
+        b.wait()
+    assert trainer2 is not None and read_meta(r1)["status"] == "finished" and read_meta(r1)["pid"] == int(orphan)
+    os.kill(int(trainer2), signal.SIGKILL)  # r002's trainer dies too: interrupted mid-run
+    _wait("r002's trainer to die", lambda: lock_holder(r2) is None, timeout=30)
+    assert read_meta(r2)["status"] == "running"
+
+    summary = sweep.run_agent(d)  # restart, in-process
+    assert summary == {"started": 1, "failed": 0, "reason": "the grid is exhausted"}
     runs = {r["name"]: r for r in _state(d)["runs"]}
-    assert summary["started"] == 2 and sorted(runs) == ["r001", "r002"]
-    assert all(r["status"] == "finished" and isinstance(r["metric"], float) for r in runs.values())
-    epochs = [row["epoch"] for row in read_metrics(run1) if row.get("val/neg_elbo")]
-    assert epochs == ["0", "1", "2"], epochs  # each epoch validated once: one trainer only
-    ckpts = sorted(p.name for p in (run1 / "checkpoints").iterdir())
-    assert len(ckpts) == 2 and "last.ckpt" in ckpts and not any("-v" in n for n in ckpts), ckpts
-    assert json.loads((run1 / "run.json").read_text())["pid"] == int(trainer_pid)
+    assert sorted(runs) == ["r001", "r002"] and _state(d)["exhausted"]
+    for name, run in (("r001", r1), ("r002", r2)):
+        rec = runs[name]
+        assert rec["status"] == "finished" and isinstance(rec["metric"], float) and rec["attempts"] == 2, rec
+        epochs = [row["epoch"] for row in read_metrics(run) if row.get("val/neg_elbo")]
+        assert epochs == ["0", "1", "2", "3"], (name, epochs)  # each epoch validated once
+        ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert len(ckpts) == 2 and "last.ckpt" in ckpts and not any("-v" in n for n in ckpts), ckpts
+    assert "resuming" in (d / "logs" / "r002.err").read_text()  # r002 continued from its checkpoint
+    saved = yaml.safe_load((r2 / "config.yaml").read_text())
+    assert saved["seed"] == runs["r002"]["config"]["seed"]
+    table = sweep.status_table(d)
+    assert "r002" in table and "* best" in table
