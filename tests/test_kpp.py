@@ -118,7 +118,7 @@ def test_keys_are_refined_by_reading_and_interface_shapes() -> None:
     assert kpp.generate(mem, 5, batch=2).shape == (2, 5, *SHAPE) and kpp.generate(None, 3).shape == (1, 3, *SHAPE)
     chain = kpp.denoise(x, mem, 2)
     assert len(chain) == 2 and chain[0].shape == x.shape
-    with pytest.raises(ValueError, match="model.window must be"):
+    with pytest.raises(ValueError, match=r"bad value for 'model.window': 9 \(must be in \[1, model.mem_size = 8\]\)"):
         small_kpp(window=9)
 
 
