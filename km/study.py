@@ -220,6 +220,23 @@ def iterate_reads(model: Any, cues: Tensor, memory: Any, iters: int, feedback: s
     return chain
 
 
+@torch.no_grad()
+def prior_read(model: Any, x: Tensor, memory: Any) -> Tensor | None:
+    """KM and PKM: decoder params of the memory's own read, the mean of p(z | y, M) = w^T R at the addresses
+    of x (PKM: sum_p pi_p w_p^T R_p), with no bottom-up correction. None for the other models, whose `read`
+    is already the memory's (DKM: mu_w^T R; K++: the mean of p(z | M, Y))."""
+    name = getattr(getattr(model, "cfg", None), "name", "")
+    if name not in ("km", "pkm") or memory is None:
+        return None
+    e = model.encode_images(x)
+    w = model.address(model.posterior_y(e)[0])
+    if name == "pkm":
+        r = model._combine(model.machine_weights(e), w @ memory.R)
+    else:
+        r = w @ memory.R
+    return model.decode_codes(r)
+
+
 def md_table(columns: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -273,7 +290,7 @@ def _plt():
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), episodes: int = 16,
-             noise: float = 0.15, corruptions: tuple[str, ...] = ("flip", "blank"), iters: int = 1, seed: int = 0,
+             noise: float = 0.15, corruptions: tuple[str, ...] = ("flip", "blank", "none"), iters: int = 1, seed: int = 0,
              out: Path | None = None) -> StudyResult:
     """Store T items, cue each with a corrupted copy, read `iters` times; retrieval error and accuracy vs T.
 
@@ -306,13 +323,18 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
                 reads = iterate_reads(r.model, cues, memory, iters)[-1]
                 rows.append({"model": r.label + ("" if r.has_memory else " (no memory)"), "memory": r.memory,
                              "corruption": c, "T": T, **retrieval_scores(reads, x, binary), "chance": 1 / T})
+                if iters == 1 and (pr := prior_read(r.model, cues, memory)) is not None:
+                    rows.append({"model": r.label + ", w^T M read", "memory": r.memory, "corruption": c, "T": T,
+                                 **retrieval_scores(r.model.mean_image(pr), x, binary), "chance": 1 / T})
     header = (f"**capacity** on {data} test images: {episodes} episodes of T distinct items per T (seed {seed}), "
               f"each written to a fresh memory; every item cued with a corrupted copy ("
               + ", ".join({"flip": f"flip: {noise:g} of pixels flipped", "blank": "blank: bottom half set to 0",
                            "none": "none: the clean item"}[c] for c in corruptions)
               + f"), read {iters}x. pixel error: fraction of pixels wrong (read thresholded at 0.5) against the "
               "item's own stored copy; accuracy: fraction of reads nearer (L1/pixel) to their own item than to any "
-              "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. Runs: "
+              "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. KM and PKM read "
+              "through q(z | x, y, M), which also sees the cue bottom-up; their 'w^T M read' rows decode the memory's "
+              "own read, the mean of p(z | y, M), instead. Runs: "
               + _budget(runs) + ".")
     models = list(dict.fromkeys(row["model"] for row in rows))
     cols = ["model", "memory", "corruption"] + [f"T={T} err / acc" for T in Ts]
@@ -444,14 +466,15 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
               "End point classes (fractions of chains): own / other = nearest stored item is its own / another one and "
               "within tau; none = no stored item within tau; tau = half the mean distance between a stored item and its "
               "nearest other item of the episode (distances: fraction of differing pixels, end point thresholded at "
-              "0.5). spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
+              "0.5). dist to own: mean distance of the chain's point to its own stored item after 1 read and at the end. spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
               "clean start: the same chains started from the clean items. energy: DKM's own (-ELBO of the query at the "
               "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
               f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
               f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Runs: " + _budget(runs) + ".")
-    cols = ["run", "feedback", "own", "other", "none", "nearest is own", "dist to own", "spread",
+    cols = ["run", "feedback", "own", "other", "none", "nearest is own", "dist to own: 1 read", "dist to own", "spread",
             "clean start: own", "clean start: dist", "energy step 0 -> n", "read NLL step 0 -> n"]
-    trows = [[w["run"], w["feedback"], w["own"], w["other"], w["none"], w["nearest_own"], w["dist_own"], w["spread"],
+    trows = [[w["run"], w["feedback"], w["own"], w["other"], w["none"], w["nearest_own"], w["dist_own_by_step"][1],
+              w["dist_own"], w["spread"],
               w["clean_start_own"], w["clean_start_dist_own"],
               "-" if math.isnan(w["energy_first"]) else f"{w['energy_first']:.1f} -> {w['energy_last']:.1f}"
               + ("" if w["energy_monotone"] else " (not monotone)"),
@@ -491,7 +514,8 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
                      title="energy proxy for every model", yscale="log")
         for a in (ax[0, 1], ax[1, 0], ax[1, 1]):
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=7)
         fig.suptitle(f"Attractors on {data}: {episodes} episodes of T={T}, queries with {noise:g} pixel flips, {iters} reads")
         fig.tight_layout()
         res.png = _savefig(fig, out / f"attractors_{data}.png")
