@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,7 +120,7 @@ def load_runs(targets: list[str]) -> list[StudyRun]:
                              train_T=int(cfg.data.episode_length), steps=int(getattr(model, "checkpoint_step", 0)),
                              run_dir=run_dir))
     labels = [r.label for r in runs]
-    for i, r in enumerate(runs):  # same config twice: tell them apart by run id
+    for _i, r in enumerate(runs):  # same config twice: tell them apart by run id
         if labels.count(r.label) > 1 and r.run_dir is not None:
             r.label = f"{r.label} [{r.run_dir.name}]"
     return runs
@@ -441,7 +442,7 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
             chain = iterate_reads(r.model, cues, memory, iters, fb)
             key = f"{r.label}, feedback={fb}"
             cur: dict[str, list[float]] = {"dist_own": [], "own": [], "energy": [], "read_nll": []}
-            for s, pt in enumerate(chain):
+            for _s, pt in enumerate(chain):
                 c = classify_end_points(pt, x, binary)
                 cur["dist_own"].append(c["dist_own"])
                 cur["own"].append(c["own"])
@@ -455,7 +456,7 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
                          "clean_start_own": clean["own"], "clean_start_dist_own": clean["dist_own"],
                          "energy_first": cur["energy"][0] if cur["energy"] else float("nan"),
                          "energy_last": cur["energy"][-1] if cur["energy"] else float("nan"),
-                         "energy_monotone": (all(b <= a + 1e-6 for a, b in zip(cur["energy"], cur["energy"][1:]))
+                         "energy_monotone": (all(b <= a + 1e-6 for a, b in zip(cur["energy"], cur["energy"][1:], strict=False))
                                              if cur["energy"] else None),
                          "read_nll_first": cur["read_nll"][0], "read_nll_last": cur["read_nll"][-1],
                          "dist_own_by_step": cur["dist_own"]})
@@ -490,7 +491,7 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
         ypos = range(len(labels))
         ax[0, 0].barh(ypos, own, color="tab:green", label="own stored item")
         ax[0, 0].barh(ypos, other, left=own, color="tab:orange", label="another stored item")
-        ax[0, 0].barh(ypos, none, left=[a + b for a, b in zip(own, other)], color="tab:grey", label="no stored item")
+        ax[0, 0].barh(ypos, none, left=[a + b for a, b in zip(own, other, strict=True)], color="tab:grey", label="no stored item")
         ax[0, 0].set_yticks(list(ypos), labels, fontsize=8)
         ax[0, 0].invert_yaxis()
         ax[0, 0].set(xlabel=f"fraction of chains (end point after {iters} reads, within tau)", xlim=(0, 1),
@@ -702,12 +703,12 @@ def addressing(runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int 
     if out is not None:
         plt = _plt()
         fig, axes = plt.subplots(1, len(heat), figsize=(4.5 * len(heat), 4), squeeze=False)
-        for a, (label, w) in zip(axes[0], heat):
+        for a, (label, w) in zip(axes[0], heat, strict=True):
             v = w.abs().max().item() or 1.0
             im = a.imshow(w.numpy(), aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v)
             a.set(xlabel="memory slot k", ylabel="item t of episode 0", title=f"{label}: w (T={T} x K)")
             fig.colorbar(im, ax=a)
-        fig.suptitle(f"Addressing weights on {data} (one iid test episode): rows that differ = items stored in different places",
+        fig.suptitle(f"Addressing weights w on {data}, one iid test episode\n(rows that differ: items stored in different places)",
                      fontsize=9)
         fig.tight_layout()
         res.png = _savefig(fig, out / f"addressing_{data}.png")
@@ -794,7 +795,7 @@ def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, see
     if out is not None:
         plt = _plt()
         fig, axes = plt.subplots(len(pics), 2, figsize=(11, 3.8 * len(pics)), squeeze=False)
-        for (label, pi, assign), a in zip(pics, axes):
+        for (label, pi, assign), a in zip(pics, axes, strict=True):
             P = pi.shape[1]
             ncls = int(y.max()) + 1
             if ncls <= 20:
