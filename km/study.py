@@ -435,6 +435,7 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[float]]] = {}
     start = classify_end_points(cues, x, binary)
+    black = classify_end_points(torch.zeros_like(x), x, binary)  # every chain ending on the all-black image
     for r in runs:
         torch.manual_seed(seed)
         memory = r.model.write(x)
@@ -471,7 +472,9 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
               "clean start: the same chains started from the clean items. energy: DKM's own (-ELBO of the query at the "
               "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
               f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
-              f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Runs: " + _budget(runs) + ".")
+              f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Every chain ending on the all-black image would score own "
+              f"{black['own']:.3f}, other {black['other']:.3f}, none {black['none']:.3f}, distance to own "
+              f"{black['dist_own']:.3f}. Runs: " + _budget(runs) + ".")
     cols = ["run", "feedback", "own", "other", "none", "nearest is own", "dist to own: 1 read", "dist to own", "spread",
             "clean start: own", "clean start: dist", "energy step 0 -> n", "read NLL step 0 -> n"]
     trows = [[w["run"], w["feedback"], w["own"], w["other"], w["none"], w["nearest_own"], w["dist_own_by_step"][1],
