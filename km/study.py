@@ -324,6 +324,11 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
                 reads = iterate_reads(r.model, cues, memory, iters)[-1]
                 rows.append({"model": r.label + ("" if r.has_memory else " (no memory)"), "memory": r.memory,
                              "corruption": c, "T": T, **retrieval_scores(reads, x, binary), "chance": 1 / T})
+                if not r.has_memory:
+                    continue
+                empty = iterate_reads(r.model, cues, None, iters)[-1]  # the same model, its prior memory
+                rows.append({"model": r.label + ", prior memory", "memory": r.memory, "corruption": c, "T": T,
+                             **retrieval_scores(empty, x, binary), "chance": 1 / T})
                 if iters == 1 and (pr := prior_read(r.model, cues, memory)) is not None:
                     rows.append({"model": r.label + ", w^T M read", "memory": r.memory, "corruption": c, "T": T,
                                  **retrieval_scores(r.model.mean_image(pr), x, binary), "chance": 1 / T})
@@ -335,7 +340,8 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
               "item's own stored copy; accuracy: fraction of reads nearer (L1/pixel) to their own item than to any "
               "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. KM and PKM read "
               "through q(z | x, y, M), which also sees the cue bottom-up; their 'w^T M read' rows decode the memory's "
-              "own read, the mean of p(z | y, M), instead. Runs: "
+              "own read, the mean of p(z | y, M), instead. 'prior memory' rows: the same model reading the same cues from its "
+              "prior memory, nothing written (the memory's gain is the difference). Runs: "
               + _budget(runs) + ".")
     models = list(dict.fromkeys(row["model"] for row in rows))
     cols = ["model", "memory", "corruption"] + [f"T={T} err / acc" for T in Ts]
@@ -350,11 +356,22 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
     if out is not None:
         plt = _plt()
         fig, axes = plt.subplots(2, len(corruptions), figsize=(5.5 * len(corruptions), 8), squeeze=False)
+        colours: dict[str, str] = {}
         for j, c in enumerate(corruptions):
             for m in models:
                 sel = sorted((row for row in rows if row["model"] == m and row["corruption"] == c), key=lambda r: r["T"])
-                style = {"linestyle": ":", "color": "grey"} if m.startswith("query") else (
-                    {"linestyle": "--", "color": "black"} if "no memory" in m else {"marker": "o"})
+                base = m.split(",")[0]
+                colour = colours.setdefault(base, f"C{len(colours)}")
+                if m.startswith("query"):
+                    style = {"linestyle": ":", "color": "grey"}
+                elif "no memory" in m:
+                    style = {"linestyle": "--", "color": "black"}
+                elif m.endswith("prior memory"):
+                    style = {"linestyle": "--", "color": colour, "lw": 1}
+                elif m.endswith("w^T M read"):
+                    style = {"linestyle": ":", "marker": "x", "color": colour}
+                else:
+                    style = {"marker": "o", "color": colour}
                 for i, key in enumerate(("pixel_error", "accuracy")):
                     axes[i, j].plot([s["T"] for s in sel], [s[key] for s in sel], label=m, **style)
             axes[1, j].plot(Ts, [1 / T for T in Ts], color="red", linestyle="-.", lw=1, label="chance (1/T)")

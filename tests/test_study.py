@@ -31,6 +31,8 @@ class _Lookup:
         return x
 
     def read(self, cue, memory):
+        if memory is None:  # nothing written: the cue comes back
+            return cue
         if self.mode == "nearest":
             pick = study.l1_distances(cue, memory).argmin(-1)  # (E, T)
         else:
@@ -128,7 +130,7 @@ def test_every_study_runs_on_tiny_models(tmp_path):
     runs = {k: _run(m, k) for k, m in models.items()}
     mem = [runs[k] for k in ("km", "dkm", "pkm", "kpp")]
     res = study.capacity([*mem, runs["vae"]], Ts=(4, 8), episodes=2, out=tmp_path)
-    assert len(res.rows) == 2 * 2 * 6 and res.png.exists()
+    assert len(res.rows) == 2 * 3 * 12 and res.png.exists()  # T x cue x (query, 5 models, 4 prior memories, 2 w^T M)
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["pixel_error"] <= 1 for r in res.rows)
     assert any(r["model"] == "vae (no memory)" for r in res.rows)
     res = study.attractors(mem, T=4, episodes=2, iters=2)  # figures cost seconds each: one (capacity) is drawn here
