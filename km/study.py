@@ -823,13 +823,15 @@ def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, see
                 cont.index_put_((y, assign), torch.ones(len(y)), accumulate=True)
                 cont = cont / cont.sum(1, keepdim=True).clamp_min(1)
                 im = a[0].imshow(cont.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-                a[0].set(xlabel="dominant machine", ylabel="class", title=f"{label}: P(dominant machine | class)")
+                a[0].set(xlabel="dominant machine", ylabel="class", title=f"{label}: P(dominant machine | class)",
+                         xticks=range(P), yticks=range(ncls))
                 fig.colorbar(im, ax=a[0])
             else:
                 a[0].hist(pi.max(-1).values.numpy(), bins=20, range=(0, 1))
                 a[0].set(xlabel="max machine weight of an item", ylabel="items", title=f"{label}: sparsity of pi")
             a[1].bar(range(P), torch.bincount(assign, minlength=P).numpy(), label="items (dominant)")
-            a[1].set(xlabel="machine", ylabel="items whose dominant machine it is", title=f"{label}: machine usage")
+            a[1].set(xlabel="machine", ylabel="items whose dominant machine it is", title=f"{label}: machine usage",
+                     xticks=range(P))
         fig.suptitle(f"PKM allocation on {data}", fontsize=9)
         fig.tight_layout()
         res.png = _savefig(fig, out / f"allocation_{data}.png")
