@@ -361,7 +361,7 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
             for m in models:
                 sel = sorted((row for row in rows if row["model"] == m and row["corruption"] == c), key=lambda r: r["T"])
                 base = m.split(",")[0]
-                colour = colours.setdefault(base, f"C{len(colours)}")
+                colour = "grey" if m.startswith("query") or "no memory" in m else colours.setdefault(base, f"C{len(colours)}")
                 if m.startswith("query"):
                     style = {"linestyle": ":", "color": "grey"}
                 elif "no memory" in m:
@@ -374,7 +374,7 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
                     style = {"marker": "o", "color": colour}
                 for i, key in enumerate(("pixel_error", "accuracy")):
                     axes[i, j].plot([s["T"] for s in sel], [s[key] for s in sel], label=m, **style)
-            axes[1, j].plot(Ts, [1 / T for T in Ts], color="red", linestyle="-.", lw=1, label="chance (1/T)")
+            axes[1, j].plot(Ts, [1 / T for T in Ts], color="black", linestyle="-.", lw=1, label="chance (1/T)")
             what = {"flip": f"{noise:g} pixel flips", "blank": "bottom half blanked", "none": "clean cue"}[c]
             axes[0, j].set(title=f"cue: {what}", ylabel="retrieval pixel error (fraction of pixels)", xscale="log")
             axes[1, j].set(xlabel="items stored T (log scale)", ylabel="retrieval accuracy (fraction of items)",
