@@ -638,23 +638,21 @@ def oneshot(runs: list[StudyRun], T: int = 15, episodes: int = 32, samples: int 
     res = StudyResult("oneshot", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
-        nrow = sum(1 + sum(g is not None for g in grid[2:]) for grid in grids)
-        fig, axes = plt.subplots(nrow, 1, figsize=(columns * 0.9 + 2.5, nrow * 1.05 + 0.6), squeeze=False)
-        i = 0
-        for label, ep, ms, rs, ps in grids:
-            for name, imgs in ((f"{label}\nepisode (class)", ep), (f"{label}\nfrom memory", ms),
-                               (f"{label}\n+{iters} reads", rs), (f"{label}\nfrom prior", ps)):
-                if imgs is None:
-                    continue
-                strip = torch.cat([torch.nn.functional.pad(im[0], (1, 1, 1, 1), value=0.5) for im in imgs.float()], 1)
-                axes[i, 0].imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
-                axes[i, 0].set_xticks([])
-                axes[i, 0].set_yticks([])
-                axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-                i += 1
-        fig.suptitle(f"One-shot generation on {data}: per model, the written one-class episode (first {columns} of T={T}), "
-                     f"samples from its memory, after {iters} reads, and from the prior", fontsize=9)
-        fig.tight_layout()
+        strips = [(f"written episode\n(one class, {columns} of T={T})", grids[0][1])]
+        for label, _, ms, rs, ps in grids:
+            strips += [(f"{label}\nfrom memory", ms), (f"{label}\nafter {iters} reads", rs), (f"{label}\nfrom prior", ps)]
+        strips = [(name, imgs) for name, imgs in strips if imgs is not None]
+        fig, axes = plt.subplots(len(strips), 1, figsize=(columns * 0.9 + 2.5, len(strips) * 1.05 + 0.8), squeeze=False)
+        for (name, imgs), a in zip(strips, axes[:, 0], strict=True):
+            strip = torch.cat([torch.nn.functional.pad(im[0], (1, 1, 1, 1), value=0.5) for im in imgs.float()], 1)
+            a.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"One-shot generation on {data}: the written episode (first test episode), then per model\n"
+                     f"samples from its memory, the same after {iters} iterative reads, and samples from the prior",
+                     fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         res.png = _savefig(fig, out / f"oneshot_{data}.png")
     res.seconds = time.time() - t0
     return res
