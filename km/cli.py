@@ -172,6 +172,7 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=10000, help="allocation: labelled test items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--tag", default=None, help="suffix of the output files: <study>_<data>_<tag>.png/.md/.json")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -874,6 +874,11 @@ def main(args: Any) -> None:
     runs = load_runs(args.runs)
     out = Path(args.out) if args.out else (runs[0].run_dir / "study" if runs[0].run_dir else Path("study"))
     res = STUDIES[args.study](runs, out=out, **kw)
+    tag = getattr(args, "tag", None)
+    if tag:  # e.g. attractors_mnist.png -> attractors_mnist_dkm.png
+        res.data = f"{res.data}_{tag}"
+        if res.png:
+            res.png = res.png.rename(res.png.with_name(f"{res.png.stem}_{tag}{res.png.suffix}"))
     print(res.text())
     files = res.save(out)
     if res.png:
