@@ -504,10 +504,10 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
     if out is not None:
         plt = _plt()
         fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-        labels = list(curves)
-        own = [w["own"] for w in rows]
-        other = [w["other"] for w in rows]
-        none = [w["none"] for w in rows]
+        labels = [*curves, "reference: every chain on\nthe all-black image"]
+        own = [w["own"] for w in rows] + [black["own"]]
+        other = [w["other"] for w in rows] + [black["other"]]
+        none = [w["none"] for w in rows] + [black["none"]]
         ypos = range(len(labels))
         ax[0, 0].barh(ypos, own, color="tab:green", label="own stored item")
         ax[0, 0].barh(ypos, other, left=own, color="tab:orange", label="another stored item")
@@ -518,12 +518,15 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
                      title="where the chains end")
         ax[0, 0].legend(fontsize=8, loc="lower right")
         steps = list(range(iters + 1))
+        run_colour: dict[str, str] = {}
         for k, cur in curves.items():
             ls = "-" if k.endswith("mean") else "--"
-            ax[0, 1].plot(steps, cur["dist_own"], ls, label=k)
-            ax[1, 1].plot(steps, cur["read_nll"], ls, label=k)
+            col = run_colour.setdefault(k.rsplit(", feedback=", 1)[0], f"C{len(run_colour)}")
+            ax[0, 1].plot(steps, cur["dist_own"], ls, color=col, label=k)
+            ax[1, 1].plot(steps, cur["read_nll"], ls, color=col, label=k)
             if cur["energy"]:
-                ax[1, 0].plot(steps, cur["energy"], ls, label=k)
+                ax[1, 0].plot(steps, cur["energy"], ls, color=col, label=k)
+        ax[0, 1].axhline(black["dist_own"], color="grey", lw=1, linestyle="-.", label="all-black image")
         ax[0, 1].axhline(start["tau"], color="black", lw=1, linestyle=":", label="tau")
         ax[0, 1].set(xlabel="read iteration (0 = corrupted query)", ylabel="distance to own stored item (fraction of pixels)",
                      title="distance to the item the chain started from")
