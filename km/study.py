@@ -397,6 +397,11 @@ def _savefig(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    from PIL import Image
+
+    with Image.open(path) as im:  # a 256-colour palette: the figures are 3-4x smaller, no visible change
+        small = im.convert("RGB").quantize(256)
+    small.save(path, optimize=True)
     return path
 
 
