@@ -12,6 +12,8 @@
     km denoise <run> [--noise 0.15] [--iters 5]   iterative reading of corrupted test items (PNG chain)
     km attract ...                     the same (DKM's attractor dynamics; prints the energy per step)
     km sample <run> [--iters 3]        one-shot samples from a written test episode (+ addressing heatmap)
+    km study NAME RUN... [--out DIR]   what each memory does: capacity | attractors | oneshot | addressing |
+                                       allocation; a table and a PNG (see km/study.py)
 
 Bad input (unknown config keys or options, missing data, incompatible checkpoints) prints one
 line starting with 'error:' and exits with code 2; a run stopped by a NaN loss exits with 3.
@@ -118,6 +120,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"read windows: {win}")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from km.study import StudyError, main
+
+    try:
+        main(args)
+    except StudyError as e:
+        _fail(str(e))
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from km.config import compose_config, to_yaml
 
@@ -156,6 +167,26 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see: {self.prog} --help)")
 
 
+STUDY_NAMES = ("capacity", "attractors", "oneshot", "addressing", "allocation")  # km.study.STUDIES
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", choices=STUDY_NAMES, help="which study (km/study.py)")
+    p.add_argument("runs", nargs="+", help="run directories or checkpoints, all of one data set")
+    p.add_argument("--out", default=None, help="folder for the PNG, .md and .json (default: <first run>/study)")
+    p.add_argument("--T", default=None, help="items per episode (capacity: a comma list, default 8,16,32,64,128; "
+                                            "attractors and addressing: 32; oneshot: 15)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes (default: capacity 16, attractors 8, oneshot 32, addressing 16)")
+    p.add_argument("--noise", type=float, default=0.15, help="pixel flip probability of the corrupted cues, in [0, 1]")
+    p.add_argument("--iters", type=int, default=None, help="reads (default: capacity 1, attractors 20, oneshot 3)")
+    p.add_argument("--samples", type=int, default=10, help="oneshot: samples per episode")
+    p.add_argument("--items", type=int, default=10000, help="allocation: labelled test items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--tag", default=None, help="suffix of the output files: <study>_<data>_<tag>.png/.md/.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="km", description="kanerva-lab: Kanerva Machine experiments")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--episodes", type=int, default=2)
     sm.add_argument("overrides", nargs="*")
     sm.set_defaults(func=cmd_sample)
+    st = sub.add_parser("study", help="studies of what each memory does, on trained runs (table + PNG)")
+    _study_arguments(st)
+    st.set_defaults(func=cmd_study)
     from km import compare, sweep  # stdlib-only imports at module level: cheap
 
     sw = sub.add_parser("sweep", help="hyperparameter sweeps, online (W&B) or offline (local engine)")

@@ -1,0 +1,176 @@
+"""The studies of km/study.py on constructed memories whose answers are known, and on tiny random models
+(in-process, no data files, a few seconds in all)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from km import study
+from km.study import StudyError, StudyRun
+
+SHAPE = (1, 28, 28)
+
+
+def _images(n: int = 96, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, *SHAPE), 0.3), generator=g), torch.arange(n) % classes
+
+
+class _Lookup:
+    """A memory that stores the items themselves. `mode='nearest'`: a read returns the stored item nearest
+    the cue (exact retrieval); 'shuffled': a random stored item of the episode."""
+
+    def __init__(self, mode: str):
+        self.cfg = SimpleNamespace(name=f"lookup_{mode}")
+        self.mode = mode
+
+    def write(self, x):
+        return x
+
+    def read(self, cue, memory):
+        if memory is None:  # nothing written: the cue comes back
+            return cue
+        if self.mode == "nearest":
+            pick = study.l1_distances(cue, memory).argmin(-1)  # (E, T)
+        else:
+            pick = torch.stack([torch.randperm(memory.shape[1]) for _ in range(memory.shape[0])])
+        return torch.stack([memory[e, pick[e]] for e in range(memory.shape[0])])
+
+    def mean_image(self, p):
+        return p
+
+
+def _run(model, label: str, x=None, y=None) -> StudyRun:
+    if x is None:
+        x, y = _images()
+    return StudyRun(label=label, model=model, x_test=x, y_test=y, data="toy", memory="test")
+
+
+def test_retrieval_scores_exact_and_shuffled():
+    x, _ = _images(8 * 300)
+    items = x.view(300, 8, *SHAPE)
+    exact = study.retrieval_scores(items, items)
+    assert exact["accuracy"] == 1.0 and exact["pixel_error"] == 0.0
+    torch.manual_seed(0)
+    shuffled = torch.stack([ep[torch.randperm(8)] for ep in items])
+    assert abs(study.retrieval_scores(shuffled, items)["accuracy"] - 1 / 8) < 0.03  # chance: 1/T
+
+
+def test_capacity_of_an_exact_memory_is_one_and_of_a_shuffled_one_chance():
+    runs = [_run(_Lookup("nearest"), "exact"), _run(_Lookup("shuffled"), "shuffled")]
+    torch.manual_seed(0)
+    res = study.capacity(runs, Ts=(4, 8), episodes=8, corruptions=("none", "flip"))
+    by = {(r["model"], r["corruption"], r["T"]): r for r in res.rows}
+    for T in (4, 8):
+        assert by[("exact", "none", T)]["accuracy"] == 1.0 and by[("exact", "none", T)]["pixel_error"] == 0.0
+        assert by[("exact", "flip", T)]["accuracy"] == 1.0  # 15% flips of random images: the nearest is its own
+        assert by[("shuffled", "none", T)]["accuracy"] < 0.5
+        assert by[("query (no read)", "none", T)]["accuracy"] == 1.0
+    assert "T=8 err / acc" in res.table and "chance accuracy" in res.table
+
+
+def test_end_point_classes():
+    x, _ = _images(4 * 8)
+    items = x.view(4, 8, *SHAPE)
+    assert study.classify_end_points(items, items)["own"] == 1.0
+    rolled = study.classify_end_points(items.roll(1, dims=1), items)
+    assert rolled["other"] == 1.0 and rolled["nearest_own"] == 0.0
+    assert study.classify_end_points(torch.zeros_like(items) + 0.9, items)["none"] == 1.0
+    collapsed = study.classify_end_points(items[:, :1].expand_as(items), items)  # every chain on item 0
+    assert collapsed["spread"] == 0.0 and abs(collapsed["own"] - 1 / 8) < 1e-6
+
+
+def test_clustering_scores_and_sparsity():
+    labels = torch.arange(400) % 5
+    s = study.clustering_scores(labels.numpy(), labels.numpy(), shuffles=5)
+    assert s["ari"] == pytest.approx(1.0) and s["purity"] == pytest.approx(1.0)
+    assert abs(s["ari_shuffled"]) < 0.02 and s["purity_shuffled"] < 0.4
+    one_hot = torch.nn.functional.one_hot(labels % 4, 4).float()
+    assert study.weight_sparsity(one_hot)["entropy"] == pytest.approx(0.0, abs=1e-5)
+    assert study.weight_sparsity(torch.full((10, 4), 0.25))["entropy"] == pytest.approx(1.0)
+
+
+def test_address_spread():
+    same = torch.randn(1, 1, 16).expand(3, 6, 16)
+    s = study.address_spread(same)
+    assert s["cosine"] == pytest.approx(1.0, abs=1e-5) and s["rel_spread"] < 1e-5 and s["eff_rank"] == pytest.approx(1.0)
+    assert study.address_spread(torch.randn(3, 6, 64))["cosine"] < 0.5
+
+
+def _tiny_models():
+    from km.models.dkm import DKMConfig, DynamicKanervaMachine
+    from km.models.km import KanervaMachine, KMConfig
+    from km.models.kpp import KanervaPlusPlus, KPPConfig
+    from km.models.pkm import PKMConfig, ProductKanervaMachine
+    from km.models.vae import VAE, VAEConfig
+    from km.nets import NetConfig
+
+    torch.manual_seed(0)
+    net = NetConfig(channels=[4, 8, 8], embed_dim=16)
+    small = {"code_dim": 8, "memory_size": 8}
+    models = {
+        "km": KanervaMachine(KMConfig(**small, y_dim=4, addr_dim=8, hidden=16), net, SHAPE, "bernoulli"),
+        "dkm": DynamicKanervaMachine(DKMConfig(**small), net, SHAPE, "bernoulli"),
+        "pkm": ProductKanervaMachine(PKMConfig(**small, machines=2, y_dim=4, addr_dim=8, hidden=16), net, SHAPE,
+                                     "bernoulli"),
+        "kpp": KanervaPlusPlus(KPPConfig(code_dim=8, mem_channels=2, mem_size=8, window=4, read_steps=1, hidden=16),
+                               net, SHAPE, "bernoulli"),
+        "vae": VAE(VAEConfig(code_dim=8), net, SHAPE, "bernoulli"),
+    }
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def test_every_study_runs_on_tiny_models(tmp_path):
+    models = _tiny_models()
+    runs = {k: _run(m, k) for k, m in models.items()}
+    mem = [runs[k] for k in ("km", "dkm", "pkm", "kpp")]
+    res = study.capacity([*mem, runs["vae"]], Ts=(4, 8), episodes=2, out=tmp_path)
+    assert len(res.rows) == 2 * 3 * 12 and res.png.exists()  # T x cue x (query, 5 models, 4 prior memories, 2 w^T M)
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["pixel_error"] <= 1 for r in res.rows)
+    assert any(r["model"] == "vae (no memory)" for r in res.rows)
+    res = study.attractors(mem, T=4, episodes=2, iters=2)  # figures cost seconds each: one (capacity) is drawn here
+    assert len(res.rows) == 4 * 2
+    for r in res.rows:
+        assert r["own"] + r["other"] + r["none"] == pytest.approx(1.0)
+    assert not any(r["energy_first"] != r["energy_first"] for r in res.rows if r["run"] == "dkm")  # DKM has one
+    res = study.oneshot(list(runs.values()), T=3, episodes=2, samples=3, iters=1)
+    assert len(res.rows) == 5
+    vae = next(r for r in res.rows if r["run"] == "vae")
+    assert vae["memory"]["in_class"] != vae["memory"]["in_class"]  # NaN: no memory samples
+    assert 0 <= vae["prior"]["in_class"] <= 1
+    res = study.addressing([runs["km"], runs["pkm"], runs["dkm"]], T=4, episodes=2)
+    assert res.rows[0]["kl_y"] == pytest.approx(0.0, abs=1e-5)  # KM starts with q(y|x) = p(y)
+    res = study.allocation([runs["pkm"]], items=40, shuffles=3)
+    assert res.rows[0]["machines"] == 2
+    files = res.save(tmp_path)
+    assert files[0].read_text().startswith("**PKM allocation**")
+
+
+def test_bad_input_is_one_study_error():
+    models = _tiny_models()
+    vae, km = _run(models["vae"], "vae"), _run(models["km"], "km")
+    with pytest.raises(StudyError, match="without a memory"):
+        study.attractors([vae], T=4, episodes=1)
+    with pytest.raises(StudyError, match="without a memory"):
+        study.capacity([vae], Ts=(4,), episodes=1)
+    with pytest.raises(StudyError, match="distinct test images"):
+        study.capacity([km], Ts=(8, 200), episodes=1)
+    with pytest.raises(StudyError, match=r"\[0, 1\]"):
+        study.capacity([km], Ts=(4,), episodes=1, noise=1.5)
+    with pytest.raises(StudyError, match="single memory"):
+        study.allocation([km])
+
+
+def test_cli_bad_input_exits_2(capsys):
+    from km.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["study", "capacity", "/nonexistent/run", "--noise", "1.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --noise 1.5")
