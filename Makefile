@@ -23,15 +23,18 @@ $(VENV)/.installed: requirements-cpu.txt pyproject.toml
 demo: setup
 	$(KM) train experiment=demo
 
-test: setup
+# make test (what CI runs) lints first: ruff check and ruff format --check, about a second
+test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check km datamodules tests bench
+	$(VENV)/bin/ruff format --check --quiet km datamodules tests bench
 
 bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/memory.py
+	$(PY) bench/startup.py
 	@echo "denoising (needs trained runs): $(PY) bench/denoise.py RUN_DIR..."
 
 # One-shot device check (bench/gpu.py): every model at the papers' sizes on CUDA (tiny sizes on a CPU):

@@ -54,8 +54,20 @@ def main() -> None:
     parser.add_argument("--shuffles", type=int, default=20)
     args = parser.parse_args()
     table = Table(title="PKM: dominant machine vs class on labelled test items")
-    for col in ("run", "data", "P", "items", "classes", "machines used", "ARI", "NMI", "purity",
-                "chance ARI", "chance NMI", "chance purity"):
+    for col in (
+        "run",
+        "data",
+        "P",
+        "items",
+        "classes",
+        "machines used",
+        "ARI",
+        "NMI",
+        "purity",
+        "chance ARI",
+        "chance NMI",
+        "chance purity",
+    ):
         table.add_column(col, justify="right")
     for run in args.runs:
         cfg, _, _, dm, model = load_run(run)
@@ -69,13 +81,25 @@ def main() -> None:
             pi = torch.cat([model.item_machines(chunk[None])[0] for chunk in x.split(500)])  # (N, P)
         assign = pi.argmax(-1).numpy()
         rng = np.random.default_rng(0)
-        chance = [(adjusted_rand_score(labels, s), normalized_mutual_info_score(labels, s), purity(s, labels))
-                  for s in (rng.permutation(assign) for _ in range(args.shuffles))]
+        chance = [
+            (adjusted_rand_score(labels, s), normalized_mutual_info_score(labels, s), purity(s, labels))
+            for s in (rng.permutation(assign) for _ in range(args.shuffles))
+        ]
         c = np.mean(chance, axis=0)
-        table.add_row(str(run), cfg.data.name, str(cfg.model.machines), str(len(labels)), str(len(np.unique(labels))),
-                      str(len(np.unique(assign))), f"{adjusted_rand_score(labels, assign):.4f}",
-                      f"{normalized_mutual_info_score(labels, assign):.4f}", f"{purity(assign, labels):.4f}",
-                      f"{c[0]:.4f}", f"{c[1]:.4f}", f"{c[2]:.4f}")
+        table.add_row(
+            str(run),
+            cfg.data.name,
+            str(cfg.model.machines),
+            str(len(labels)),
+            str(len(np.unique(labels))),
+            str(len(np.unique(assign))),
+            f"{adjusted_rand_score(labels, assign):.4f}",
+            f"{normalized_mutual_info_score(labels, assign):.4f}",
+            f"{purity(assign, labels):.4f}",
+            f"{c[0]:.4f}",
+            f"{c[1]:.4f}",
+            f"{c[2]:.4f}",
+        )
     Console(width=200).print(table)
 
 

@@ -111,9 +111,11 @@ def main() -> None:
     from steps import step_times  # bench/steps.py, beside this script
 
     t = step_times(["vae"], B=B, T=T)["vae"]
-    print(f"VAE training step on CPU (default config, B={B} episodes of T={T} MNIST images): "
-          f"{1e3 * t:.0f} ms/step = {1e3 * t / B:.1f} ms/episode; the sampler's share: "
-          f"{1e3 / ours:.3f} ms/episode ({name})")
+    print(
+        f"VAE training step on CPU (default config, B={B} episodes of T={T} MNIST images): "
+        f"{1e3 * t:.0f} ms/step = {1e3 * t / B:.1f} ms/episode; the sampler's share: "
+        f"{1e3 / ours:.3f} ms/episode ({name})"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shown = [i for i in (0, 1, 2, 5, 10, 20) if i <= args.iters]
-    table = Table(title=f"denoising: noise {args.noise:g}, {args.episodes} test episodes; "
-                        "pixel error (L1) [energy] after n iterations")
+    table = Table(
+        title=f"denoising: noise {args.noise:g}, {args.episodes} test episodes; "
+        "pixel error (L1) [energy] after n iterations"
+    )
     for col in ("run", "model", "black image", *[f"n={i}" for i in shown]):
         table.add_column(col, justify="right")
     for run in args.runs:
@@ -42,8 +44,14 @@ def main() -> None:
         dm.setup("test")
         x = dm.get_batch("test", next(iter(dm.test_dataloader()))["idx"][: args.episodes])["x"]
         binary = dm.likelihood == "bernoulli"
-        rows = denoise_chain(model, x, args.noise, args.iters, binary,
-                             run_dir / "denoise" / f"bench_noise{args.noise:g}_iters{args.iters}.png")
+        rows = denoise_chain(
+            model,
+            x,
+            args.noise,
+            args.iters,
+            binary,
+            run_dir / "denoise" / f"bench_noise{args.noise:g}_iters{args.iters}.png",
+        )
         key = "pixel_error" if binary else "l1"
         cells = []
         for i in shown:

@@ -34,11 +34,14 @@ from rich.table import Table
 
 MODEL_NAMES = ("vae", "km", "dkm", "pkm", "kpp")
 # tiny sizes (CPU smoke test): every model's memory and nets shrunk, B = 2 episodes of T = 4
-TINY = ["net.channels=[4,8,8]", "net.embed_dim=16", "data.batch_size=2", "data.episode_length=4",
-        "model.code_dim=8"]
-TINY_MODEL = {"km": ["model.memory_size=8", "model.hidden=16"], "pkm": ["model.memory_size=8", "model.hidden=16"],
-              "dkm": ["model.memory_size=8"],
-              "kpp": ["model.mem_size=8", "model.window=4", "model.hidden=16", "model.read_steps=1"], "vae": []}
+TINY = ["net.channels=[4,8,8]", "net.embed_dim=16", "data.batch_size=2", "data.episode_length=4", "model.code_dim=8"]
+TINY_MODEL = {
+    "km": ["model.memory_size=8", "model.hidden=16"],
+    "pkm": ["model.memory_size=8", "model.hidden=16"],
+    "dkm": ["model.memory_size=8"],
+    "kpp": ["model.mem_size=8", "model.window=4", "model.hidden=16", "model.read_steps=1"],
+    "vae": [],
+}
 
 
 def device_name(device: torch.device) -> str:
@@ -103,20 +106,30 @@ def check_model(name: str, tiny: bool, device: torch.device, steps: int, compile
         model.training_loss(out).backward()
         opt.step()
 
-    row = {"model": name, "B x T": f"{B} x {T}", "image": "x".join(map(str, x.shape[2:])),
-           "params": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"}
+    row = {
+        "model": name,
+        "B x T": f"{B} x {T}",
+        "image": "x".join(map(str, x.shape[2:])),
+        "params": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+    }
     loss32 = loss_on(model, x, device, bf16=False)  # before any step: both losses on the same weights
     loss16 = loss_on(model, x, device, bf16=True) if bf16_supported(device) else float("nan")
-    row.update({"loss fp32": f"{loss32:.2f}", "loss bf16": f"{loss16:.2f}" if loss16 == loss16 else "unsupported",
-                "bf16 gap": f"{abs(loss16 - loss32) / abs(loss32):.1e}" if loss16 == loss16 else "-"})
+    row.update(
+        {
+            "loss fp32": f"{loss32:.2f}",
+            "loss bf16": f"{loss16:.2f}" if loss16 == loss16 else "unsupported",
+            "bf16 gap": f"{abs(loss16 - loss32) / abs(loss32):.1e}" if loss16 == loss16 else "-",
+        }
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t32 = median_step(step, device, steps)
     row["peak MiB"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
     row["fp32 ms/step"] = f"{1e3 * t32:.1f}"
     row["images/s"] = f"{B * T / t32:.0f}"
-    row["bf16 ms/step"] = f"{1e3 * median_step(lambda: step(bf16=True), device, steps):.1f}" if bf16_supported(
-        device) else "unsupported"
+    row["bf16 ms/step"] = (
+        f"{1e3 * median_step(lambda: step(bf16=True), device, steps):.1f}" if bf16_supported(device) else "unsupported"
+    )
     if compile_:
         compiled = torch.compile(model.episode_elbo)
         sync(device)
@@ -149,12 +162,27 @@ def check_sampler(device: torch.device, tiny: bool) -> str:
     if batch["x"].device.type != device.type or batch["y"].device.type != device.type:
         raise RuntimeError(f"episode sampler returned images on {batch['x'].device}, not on {device}")
     t = median_step(lambda: dm.get_batch("train", idx), device, steps=20)
-    return (f"episode sampler on {device.type}: {idx.shape[0] / t:,.0f} episodes/s "
-            f"(B={idx.shape[0]}, T={idx.shape[1]}, images on {batch['x'].device})")
+    return (
+        f"episode sampler on {device.type}: {idx.shape[0] / t:,.0f} episodes/s "
+        f"(B={idx.shape[0]}, T={idx.shape[1]}, images on {batch['x'].device})"
+    )
 
 
-COLUMNS = ("model", "B x T", "image", "params", "fp32 ms/step", "images/s", "peak MiB", "bf16 ms/step", "loss fp32",
-           "loss bf16", "bf16 gap", "compiled ms/step", "compile s")
+COLUMNS = (
+    "model",
+    "B x T",
+    "image",
+    "params",
+    "fp32 ms/step",
+    "images/s",
+    "peak MiB",
+    "bf16 ms/step",
+    "loss fp32",
+    "loss bf16",
+    "bf16 gap",
+    "compiled ms/step",
+    "compile s",
+)
 
 
 def main(argv: list[str] | None = None) -> None:

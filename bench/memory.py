@@ -53,12 +53,16 @@ def reference_write(state: MemoryState, w: torch.Tensor, z: torch.Tensor, sigma_
     T = w.shape[-2]
     Delta = z - w @ R  # (B, T, C)
     Sigma_c = w @ U  # (B, T, K)
-    noise = torch.diag_embed(sigma_xi2) if isinstance(sigma_xi2, torch.Tensor) and sigma_xi2.dim() > 0 else (
-        sigma_xi2 * torch.eye(T, dtype=U.dtype, device=U.device))
+    noise = (
+        torch.diag_embed(sigma_xi2)
+        if isinstance(sigma_xi2, torch.Tensor) and sigma_xi2.dim() > 0
+        else (sigma_xi2 * torch.eye(T, dtype=U.dtype, device=U.device))
+    )
     Sigma_z = Sigma_c @ w.transpose(-1, -2) + noise  # (B, T, T)
     G = torch.cholesky_solve(Sigma_c, safe_cholesky(Sigma_z))  # (B, T, K)
-    return MemoryState(R + G.transpose(-1, -2) @ Delta, _symmetrise_and_clip(U - Sigma_c.transpose(-1, -2) @ G,
-                                                                               u_diag_clip))
+    return MemoryState(
+        R + G.transpose(-1, -2) @ Delta, _symmetrise_and_clip(U - Sigma_c.transpose(-1, -2) @ G, u_diag_clip)
+    )
 
 
 def reference_write_with_kl(prior: MemoryState, w, z, sigma_xi2):
@@ -116,8 +120,7 @@ def bench_dkm_memory(repeats: int) -> None:
     """DKM addressing: least-squares solve (ridge, official) and solve + batched write, against the KM
     write alone at the same sizes; forward, no grad, float32, B = 16, C = 100."""
     B, C, lam = 16, 100, 1.0
-    table = Table(title=f"DKM solve + write: B={B}, C={C}, float32, {where()}, "
-                        f"median of {repeats}")
+    table = Table(title=f"DKM solve + write: B={B}, C={C}, float32, {where()}, median of {repeats}")
     for col in ("T", "K", "ridge solve (ms)", "official solve (ms)", "solve + write (ms)", "KM write (ms)"):
         table.add_column(col, justify="right")
     gen = torch.Generator().manual_seed(0)
@@ -147,8 +150,7 @@ def bench_pkm_memory(repeats: int) -> None:
     """PKM: weighted write and combined read of P machines at a fixed total K = 64 (K_p = K / P), against
     one KM memory of the same total size; forward, no grad, float32, B = 16, T = 32, C = 100."""
     B, T, K, C = 16, 32, 64, 100
-    table = Table(title=f"PKM write/read at total K={K}: B={B}, T={T}, C={C}, float32, "
-                        f"{where()}, median of {repeats}")
+    table = Table(title=f"PKM write/read at total K={K}: B={B}, T={T}, C={C}, float32, {where()}, median of {repeats}")
     for col in ("P", "K_p", "write (ms)", "read (ms)", "write / KM write"):
         table.add_column(col, justify="right")
     gen = torch.Generator().manual_seed(0)
@@ -165,9 +167,17 @@ def bench_pkm_memory(repeats: int) -> None:
             torch.einsum("btp,bptc->btc", pi, w @ state.R)
 
         with torch.no_grad():
-            t = median_times({"write": partial(weighted_write, state, w, z, pi, 1.0), "read": read,
-                              "km": partial(write_batched, km_state, km_w, z, 1.0)}, repeats)
-        table.add_row(str(P), str(Kp), f"{1e3 * t['write']:.2f}", f"{1e3 * t['read']:.3f}", f"{t['write'] / t['km']:.2f}")
+            t = median_times(
+                {
+                    "write": partial(weighted_write, state, w, z, pi, 1.0),
+                    "read": read,
+                    "km": partial(write_batched, km_state, km_w, z, 1.0),
+                },
+                repeats,
+            )
+        table.add_row(
+            str(P), str(Kp), f"{1e3 * t['write']:.2f}", f"{1e3 * t['read']:.3f}", f"{t['write'] / t['km']:.2f}"
+        )
     console.print(table)
 
 
@@ -185,8 +195,13 @@ def bench_kpp_memory(repeats: int) -> None:
         M = torch.randn(B, C_m, S, S, generator=gen)
         Y = torch.randn(B, T, 3, generator=gen)
         with torch.no_grad():
-            t = median_times({"write": partial(writer, e),
-                              "read": lambda M=M, Y=Y, w=w, S=S: read_windows(M, key_to_theta(Y, w, S), w)}, repeats)
+            t = median_times(
+                {
+                    "write": partial(writer, e),
+                    "read": lambda M=M, Y=Y, w=w, S=S: read_windows(M, key_to_theta(Y, w, S), w),
+                },
+                repeats,
+            )
         table.add_row(f"{C_m} x {S} x {S}", f"{w} x {w}", f"{1e3 * t['write']:.2f}", f"{1e3 * t['read']:.2f}")
     console.print(table)
 
@@ -198,8 +213,9 @@ def bench_model_step(repeats: int) -> None:
     B, T = 16, 32
     names = ["vae"] + sorted(n for n in MODELS if n != "vae")
     t = step_times(names, B=B, T=T, repeats=repeats)
-    table = Table(title=f"training step (fwd + bwd + Adam), default configs, B={B}, T={T}, 28x28, "
-                        f"{where()}, median of {repeats}")
+    table = Table(
+        title=f"training step (fwd + bwd + Adam), default configs, B={B}, T={T}, 28x28, {where()}, median of {repeats}"
+    )
     for col in ("model", "ms / step", "ms / episode", "x VAE"):
         table.add_column(col, justify="right")
     for n in names:
@@ -223,8 +239,13 @@ def bench_write_kl(repeats: int) -> None:
     table = Table(title=f"write + KL, forward + backward, float32, {where()}, median of {repeats}")
     for col in ("B", "T", "K", "C", "form", "reference (ms)", "new (ms)", "speed-up", "target"):
         table.add_column(col, justify="right")
-    for B, T, K, C in ((16, 64, 64, 100), (16, 32, 64, 100), (16, 256, 64, 100), (16, 32, 256, 100),
-                       (16, 32, 512, 100)):
+    for B, T, K, C in (
+        (16, 64, 64, 100),
+        (16, 32, 64, 100),
+        (16, 256, 64, 100),
+        (16, 32, 256, 100),
+        (16, 32, 512, 100),
+    ):
         R0, s, w, z = _write_kl_problem(B, T, K, C)
 
         def prior(R0=R0, s=s, B=B, K=K, C=C):
@@ -239,9 +260,17 @@ def bench_write_kl(repeats: int) -> None:
         t = median_times({"ref": partial(run, False), "new": partial(run, True)}, repeats)
         default = (B, T, K, C) == (16, 64, 64, 100)
         ratio = t["ref"] / t["new"]
-        table.add_row(str(B), str(T), str(K), str(C), "predictive" if T <= K else "information",
-                      f"{1e3 * t['ref']:.2f}", f"{1e3 * t['new']:.2f}", f"{ratio:.2f}x",
-                      (">= 2x: " + ("met" if ratio >= 2 else "MISSED")) if default else "")
+        table.add_row(
+            str(B),
+            str(T),
+            str(K),
+            str(C),
+            "predictive" if T <= K else "information",
+            f"{1e3 * t['ref']:.2f}",
+            f"{1e3 * t['new']:.2f}",
+            f"{ratio:.2f}x",
+            (">= 2x: " + ("met" if ratio >= 2 else "MISSED")) if default else "",
+        )
     console.print(table)
 
 
@@ -272,9 +301,14 @@ def bench_float32(repeats: int) -> None:
             pass
         new, new_kl = write_with_kl(*args32, None)
         r_new = ((new.U.double() - ref64.U).norm() / ref64.U.norm()).item()
-        table.add_row(f"{s2:g}", rel(old.U, ref64.U), rel(new.U, ref64.U),
-                      rel(old_kl, kl64) if old_kl is not None else "not PD", rel(new_kl, kl64),
-                      ("<= 1e-4: " + ("met" if r_new <= 1e-4 else "MISSED")) if s2 == 1e-2 else "")
+        table.add_row(
+            f"{s2:g}",
+            rel(old.U, ref64.U),
+            rel(new.U, ref64.U),
+            rel(old_kl, kl64) if old_kl is not None else "not PD",
+            rel(new_kl, kl64),
+            ("<= 1e-4: " + ("met" if r_new <= 1e-4 else "MISSED")) if s2 == 1e-2 else "",
+        )
     console.print(table)
     table = Table(title=f"per-step KL of one rank-1 write in float32, K={K}, C={C}, U = I, |w| = 1 ({where()})")
     for col in ("sigma_xi^2", "float64", "reference float32 (log1p(-beta))", "new float32 (ln sigma^2 - ln s)"):
@@ -321,9 +355,15 @@ def bench_km_scaling(repeats: int) -> None:
             steps[name] = _step_fn(model, x)
         t = median_times(steps, repeats)
         r_ref, r_new = t["ref"] / t["vae"], t["new"] / t["vae"]
-        table.add_row(str(K), f"{1e3 * t['vae']:.0f}", f"{1e3 * t['ref']:.0f}", f"{1e3 * t['new']:.0f}",
-                      f"{r_ref:.2f}", f"{r_new:.2f}",
-                      f"<= {target}: " + ("met" if r_new <= target else "MISSED") if target else "")
+        table.add_row(
+            str(K),
+            f"{1e3 * t['vae']:.0f}",
+            f"{1e3 * t['ref']:.0f}",
+            f"{1e3 * t['new']:.0f}",
+            f"{r_ref:.2f}",
+            f"{r_new:.2f}",
+            f"<= {target}: " + ("met" if r_new <= target else "MISSED") if target else "",
+        )
     console.print(table)
 
 
@@ -340,19 +380,30 @@ def bench_memory_dtype(repeats: int) -> None:
             (R, U), kl = mem.write_with_kl(w, z)
             (R.sum() + U.sum() + kl.sum()).backward()
 
-        t = median_times({str(dt): partial(run, KanervaMemory(K, C, algebra_dtype=dt))
-                          for dt in (None, torch.float64)}, repeats)
-        table.add_row(f"write + KL fwd + bwd, B={B}, T={T}, K={K}, C={C}", f"{1e3 * t['None']:.2f}",
-                      f"{1e3 * t['torch.float64']:.2f}", f"{t['torch.float64'] / t['None']:.2f}")
+        t = median_times(
+            {str(dt): partial(run, KanervaMemory(K, C, algebra_dtype=dt)) for dt in (None, torch.float64)}, repeats
+        )
+        table.add_row(
+            f"write + KL fwd + bwd, B={B}, T={T}, K={K}, C={C}",
+            f"{1e3 * t['None']:.2f}",
+            f"{1e3 * t['torch.float64']:.2f}",
+            f"{t['torch.float64'] / t['None']:.2f}",
+        )
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((16, 32, 1, 28, 28), 0.2))
     for name in ("km", "dkm"):
         cls, cfg = MODELS[name]
-        steps = {dt: _step_fn(cls(cfg(memory_dtype=dt), NetConfig(), (1, 28, 28), "bernoulli"), x)
-                 for dt in ("float32", "float64")}
+        steps = {
+            dt: _step_fn(cls(cfg(memory_dtype=dt), NetConfig(), (1, 28, 28), "bernoulli"), x)
+            for dt in ("float32", "float64")
+        }
         t = median_times(steps, repeats)
-        table.add_row(f"{name} training step, default config, B=16, T=32", f"{1e3 * t['float32']:.0f}",
-                      f"{1e3 * t['float64']:.0f}", f"{t['float64'] / t['float32']:.2f}")
+        table.add_row(
+            f"{name} training step, default config, B=16, T=32",
+            f"{1e3 * t['float32']:.0f}",
+            f"{1e3 * t['float64']:.0f}",
+            f"{t['float64'] / t['float32']:.2f}",
+        )
     console.print(table)
 
 

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import sys, runpy; sys.argv = ['km', *sys.argv[1:]]\n"
-         "try:\n    runpy.run_module('km.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-         "print('HEAVY' if {'torch', 'pytorch_lightning'} & set(sys.modules) else 'LIGHT', file=sys.stderr)")
+PROBE = (
+    "import sys, runpy; sys.argv = ['km', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('km.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    "print('HEAVY' if {'torch', 'pytorch_lightning'} & set(sys.modules) else 'LIGHT', file=sys.stderr)"
+)
 
 
 def commands(tmp: Path) -> dict[str, list[str]]:

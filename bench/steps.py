@@ -32,8 +32,14 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def step_times(names: list[str], B: int = 16, T: int = 32, repeats: int = 7,
-               shape: tuple[int, int, int] = (1, 28, 28), nets: dict[str, NetConfig] | None = None) -> dict[str, float]:
+def step_times(
+    names: list[str],
+    B: int = 16,
+    T: int = 32,
+    repeats: int = 7,
+    shape: tuple[int, int, int] = (1, 28, 28),
+    nets: dict[str, NetConfig] | None = None,
+) -> dict[str, float]:
     """Median seconds per optimiser step (forward + backward + Adam) of each model, default configs,
     timed interleaved so machine load affects every model alike. ``nets``: a NetConfig per name
     (default NetConfig()); a name may carry a suffix after '/' (e.g. 'vae/nchw') to time variants."""
@@ -65,8 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    table = Table(title=f"training step, shared nets NCHW vs channels_last, B=16, T=32, {torch.get_num_threads()} "
-                        f"thread(s), median of {args.repeats}")
+    table = Table(
+        title=f"training step, shared nets NCHW vs channels_last, B=16, T=32, {torch.get_num_threads()} "
+        f"thread(s), median of {args.repeats}"
+    )
     for col in ("model", "image", "load", "NCHW (ms)", "channels_last (ms)", "NCHW / channels_last"):
         table.add_column(col, justify="right")
     for shape in ((1, 28, 28), (3, 32, 32)):
@@ -75,8 +83,9 @@ def main() -> None:
             nets = {f"{name}/nchw": NetConfig(channels_last=False), f"{name}/nhwc": NetConfig(channels_last=True)}
             t = step_times(list(nets), repeats=args.repeats, shape=shape, nets=nets)
             a, b = t[f"{name}/nchw"], t[f"{name}/nhwc"]
-            table.add_row(name, "x".join(map(str, shape)), f"{load:.2f}", f"{1e3 * a:.0f}", f"{1e3 * b:.0f}",
-                          f"{a / b:.2f}")
+            table.add_row(
+                name, "x".join(map(str, shape)), f"{load:.2f}", f"{1e3 * a:.0f}", f"{1e3 * b:.0f}", f"{a / b:.2f}"
+            )
     Console(width=160).print(table)
 
 

@@ -13,8 +13,13 @@ from .catalog import NAMES
 from .paths import DataError, resolve_data_dir
 
 # The torch-using names load on first use (PEP 562), so `from datamodules import DataError` stays cheap.
-_LAZY = {"InMemoryDataModule": ".base", "CIFAR10DataModule": ".cifar10", "EpisodeLoader": ".episodes",
-         "MNISTDataModule": ".mnist", "OmniglotDataModule": ".omniglot"}
+_LAZY = {
+    "InMemoryDataModule": ".base",
+    "CIFAR10DataModule": ".cifar10",
+    "EpisodeLoader": ".episodes",
+    "MNISTDataModule": ".mnist",
+    "OmniglotDataModule": ".omniglot",
+}
 _CLASSES = {"mnist": "MNISTDataModule", "omniglot": "OmniglotDataModule", "cifar10": "CIFAR10DataModule"}
 
 

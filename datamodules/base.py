@@ -143,9 +143,11 @@ class InMemoryDataModule(pl.LightningDataModule):
                 raise DataError(f"data.episode_length={T} is longer than the {self.name} {split} split ({n} images)")
         e = self.n_episodes["train"] or len(self.x["train"]) // T
         if B > e:
-            raise DataError(f"data.batch_size={B} is more than the {e} training episodes per epoch "
-                            f"(data.train_episodes_per_epoch, default: {self.name} train images // T): an epoch "
-                            "would have no step; lower data.batch_size or raise data.train_episodes_per_epoch")
+            raise DataError(
+                f"data.batch_size={B} is more than the {e} training episodes per epoch "
+                f"(data.train_episodes_per_epoch, default: {self.name} train images // T): an epoch "
+                "would have no step; lower data.batch_size or raise data.train_episodes_per_epoch"
+            )
 
     def episodes(self, split: str, rank: int = 0, world_size: int = 1, epoch_fn=None) -> EpisodeLoader:
         """EpisodeLoader over ``split`` (training order for "train", fixed order otherwise)."""

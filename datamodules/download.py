@@ -24,8 +24,11 @@ from .paths import MANIFEST, DataError, cache_dir, md5_file, read_json, write_js
 AMAT_URL = "https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
 # md5 of each split's content (the uint8 (N, 784) array's bytes), pinned from the shared copy
 # (shared/data/binarized_mnist/binarized_mnist.npz): whatever the transport, a changed file is refused.
-AMAT_CONTENT_MD5 = {"train": "8d4f0427d6c2572b5e9994e08bad66de", "valid": "3e33becd40c694040e5e6c812e2f4b50",
-                    "test": "fc34623e13bd64fed2f8b61365198339"}
+AMAT_CONTENT_MD5 = {
+    "train": "8d4f0427d6c2572b5e9994e08bad66de",
+    "valid": "3e33becd40c694040e5e6c812e2f4b50",
+    "test": "fc34623e13bd64fed2f8b61365198339",
+}
 MNIST_RAW = [f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
 _OMNIGLOT_NAME = re.compile(r"(\d{4})_(\d{2})\.png$")
 

@@ -83,8 +83,10 @@ class MNISTDataModule(InMemoryDataModule):
     """Binarised MNIST, image (1, 28, 28), Bernoulli likelihood."""
 
     name = "mnist"
-    labels_hint = ("The static Larochelle training arrays carry no labels: add data.binarize=dynamic "
-                   "(the grey MNIST training images, with labels).")
+    labels_hint = (
+        "The static Larochelle training arrays carry no labels: add data.binarize=dynamic "
+        "(the grey MNIST training images, with labels)."
+    )
     image_shape = (1, 28, 28)
     likelihood = "bernoulli"
     default_val_size = 10_000

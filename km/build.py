@@ -79,20 +79,33 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
     if src_head and model.z_head:
         pairs += [(f"{src_head}.{p}", f"{model.z_head}.{p}") for p in ("weight", "bias")]
     own = model.state_dict()
-    missing = [d for _, d in pairs if d not in own] + [k for k in own if k.split(".", 1)[0] in ("encoder", "decoder")
-                                                       and k not in weights]
-    bad = [f"{d} {tuple(weights[s].shape)} -> {tuple(own[d].shape)}" for s, d in pairs
-           if d in own and weights[s].shape != own[d].shape]
+    missing = [d for _, d in pairs if d not in own] + [
+        k for k in own if k.split(".", 1)[0] in ("encoder", "decoder") and k not in weights
+    ]
+    bad = [
+        f"{d} {tuple(weights[s].shape)} -> {tuple(own[d].shape)}"
+        for s, d in pairs
+        if d in own and weights[s].shape != own[d].shape
+    ]
     if missing or bad:
-        hint = (f" (source run: net={src_cfg.get('net')}, model.code_dim={(src_cfg.get('model') or {}).get('code_dim')})"
-                if src_cfg else "")
-        raise RunError(f"init_from={source}: the nets do not match{hint}: "
-                       + "; ".join((bad + [f"{k} missing" for k in missing])[:4]) + " - use the same net and code_dim")
+        hint = (
+            f" (source run: net={src_cfg.get('net')}, model.code_dim={(src_cfg.get('model') or {}).get('code_dim')})"
+            if src_cfg
+            else ""
+        )
+        raise RunError(
+            f"init_from={source}: the nets do not match{hint}: "
+            + "; ".join((bad + [f"{k} missing" for k in missing])[:4])
+            + " - use the same net and code_dim"
+        )
     with torch.no_grad():
         for s, d in pairs:
             own[d].copy_(weights[s])
     heads = f", {src_head} -> {model.z_head}" if src_head and model.z_head else ""
-    return ckpt, f"initialised encoder, decoder{heads} from {ckpt} ({src_model or 'unknown model'}, {len(pairs)} tensors)"
+    return (
+        ckpt,
+        f"initialised encoder, decoder{heads} from {ckpt} ({src_model or 'unknown model'}, {len(pairs)} tensors)",
+    )
 
 
 def plain_batches_for_memoryless(cfg: DictConfig) -> None:
@@ -101,5 +114,8 @@ def plain_batches_for_memoryless(cfg: DictConfig) -> None:
     Test episodes (`data.eval_episodes`) are untouched, so every model is scored on the same episodes."""
     if not model_class(cfg.model.name).episodic and str(cfg.data.episodes) == "class":
         cfg.data.episodes = "iid"
-        print(f"model={cfg.model.name} has no episode memory: it trains on iid batches "
-              "(data.episodes=class applies to memory models only)", file=sys.stderr)
+        print(
+            f"model={cfg.model.name} has no episode memory: it trains on iid batches "
+            "(data.episodes=class applies to memory models only)",
+            file=sys.stderr,
+        )

@@ -73,8 +73,11 @@ class SampleGrid(pl.Callback):
         heat = addressing_heatmap(pl_module, self.batch, self.out_dir / f"addressing_{trainer.current_epoch:03d}.png")
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):
-                lg.log_image(key="samples", images=[str(path)], caption=[
-                    "per episode: data / reconstruction from memory / samples from memory"])
+                lg.log_image(
+                    key="samples",
+                    images=[str(path)],
+                    caption=["per episode: data / reconstruction from memory / samples from memory"],
+                )
                 if heat:
                     lg.log_image(key="addressing", images=[str(heat)], caption=["addressing weights (T x K)"])
 
@@ -104,8 +107,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write(Path(path), lambda f: torch.save(checkpoint, f), fsync=True)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             free = free_bytes(Path(path).parent)
-            raise RunError(f"cannot write checkpoint {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:120]}"
-                           f" ({free / 2**20:.0f} MiB free there); free space, then resume") from None
+            raise RunError(
+                f"cannot write checkpoint {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:120]}"
+                f" ({free / 2**20:.0f} MiB free there); free space, then resume"
+            ) from None
 
 
 class MetricsCSV(Logger):
@@ -150,7 +155,9 @@ class MetricsCSV(Logger):
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class ProgressLines(pl.Callback):
@@ -185,7 +192,8 @@ class ProgressLines(pl.Callback):
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.num_training_batches * trainer.max_epochs
         loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
         extra = f" (epoch {trainer.current_epoch + 1}/{trainer.max_epochs})" + (
-            f" | loss {float(loss):.3f}" if loss is not None else "")
+            f" | loss {float(loss):.3f}" if loss is not None else ""
+        )
         self._line(trainer.global_step, int(total), "step", extra)
 
     def on_test_start(self, trainer, pl_module) -> None:
@@ -207,6 +215,11 @@ class EpochSummary(pl.Callback):
             return
         m = trainer.callback_metrics
         parts = [f"{k} {m[k].item():.3f}" for k in self.KEYS if k in m]
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} | " + " | ".join(parts)
-              + f" | {time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} | "
+            + " | ".join(parts)
+            + f" | {time.time() - self.t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         self.t0 = time.time()

@@ -48,8 +48,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         m = ev["metrics"]
         kinds = [ev["split"]] + (["test_class"] if ev.get("class_episodes") else [])
         for kind in kinds:  # headline numbers of each protocol (every number is in eval.json)
-            for leaf in ("neg_elbo", f"nll_is{ev['is_samples']}", "memory_conditional", "heldout",
-                         f"heldout_nll_is{ev['is_samples']}"):
+            for leaf in (
+                "neg_elbo",
+                f"nll_is{ev['is_samples']}",
+                "memory_conditional",
+                "heldout",
+                f"heldout_nll_is{ev['is_samples']}",
+            ):
                 if f"{kind}/{leaf}" in m:
                     print(f"{kind}/{leaf}: {m[f'{kind}/{leaf}']:.3f} {ev['unit']}")
 
@@ -96,11 +101,17 @@ def cmd_denoise(args: argparse.Namespace) -> None:
     path = run_dir / "denoise" / f"noise{args.noise:g}_iters{args.iters}.png"
     rows = denoise_chain(model, x, args.noise, args.iters, binary, path)
     energy = "energy" in rows[0]
-    print(f"{'iter':>4} {'L1 error':>9}" + (f" {'pixel error':>11}" if binary else "")
-          + (f" {'energy (nats/image)':>19}" if energy else ""))
+    print(
+        f"{'iter':>4} {'L1 error':>9}"
+        + (f" {'pixel error':>11}" if binary else "")
+        + (f" {'energy (nats/image)':>19}" if energy else "")
+    )
     for r in rows:
-        print(f"{r['iter']:>4} {r['l1']:>9.4f}" + (f" {r['pixel_error']:>11.4f}" if binary else "")
-              + (f" {r['energy']:>19.2f}" if energy else ""))
+        print(
+            f"{r['iter']:>4} {r['l1']:>9.4f}"
+            + (f" {r['pixel_error']:>11.4f}" if binary else "")
+            + (f" {r['energy']:>19.2f}" if energy else "")
+        )
     print(f"chain: {path}  (rows: original, corrupted, iterations 1..{args.iters}; iter 0 = corrupted query)")
 
 
@@ -109,7 +120,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     run_dir, dm, model, x = _test_episodes(args)
     path = sample_chain(model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png")
-    print(f"samples: {path}  (rows: conditioning episode, one-shot samples, after 1..{args.iters} reads, prior samples)")
+    print(
+        f"samples: {path}  (rows: conditioning episode, one-shot samples, after 1..{args.iters} reads, prior samples)"
+    )
     heat = addressing_heatmap(model, x, run_dir / "samples" / "addressing.png")
     if heat:
         print(f"addressing: {heat}")
@@ -174,10 +187,18 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", choices=STUDY_NAMES, help="which study (km/study.py)")
     p.add_argument("runs", nargs="+", help="run directories or checkpoints, all of one data set")
     p.add_argument("--out", default=None, help="folder for the PNG, .md and .json (default: <first run>/study)")
-    p.add_argument("--T", default=None, help="items per episode (capacity: a comma list, default 8,16,32,64,128; "
-                                            "attractors and addressing: 32; oneshot: 15)")
-    p.add_argument("--episodes", type=int, default=None,
-                   help="episodes (default: capacity 16, attractors 8, oneshot 32, addressing 16)")
+    p.add_argument(
+        "--T",
+        default=None,
+        help="items per episode (capacity: a comma list, default 8,16,32,64,128; "
+        "attractors and addressing: 32; oneshot: 15)",
+    )
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="episodes (default: capacity 16, attractors 8, oneshot 32, addressing 16)",
+    )
     p.add_argument("--noise", type=float, default=0.15, help="pixel flip probability of the corrupted cues, in [0, 1]")
     p.add_argument("--iters", type=int, default=None, help="reads (default: capacity 1, attractors 20, oneshot 3)")
     p.add_argument("--samples", type=int, default=10, help="oneshot: samples per episode")
@@ -196,14 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run on the test episodes")
     e.add_argument("target", help="run directory or checkpoint")
     e.add_argument("--split", default="test", choices=["test", "val"])
-    e.add_argument("--is-samples", type=int, default=None, help="importance samples (default: the run's eval.is_samples)")
+    e.add_argument(
+        "--is-samples", type=int, default=None, help="importance samples (default: the run's eval.is_samples)"
+    )
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
-    dn = sub.add_parser("denoise", aliases=["attract"],
-                        help="iterative reading (DKM: attractor dynamics) of corrupted test episodes")
+    dn = sub.add_parser(
+        "denoise", aliases=["attract"], help="iterative reading (DKM: attractor dynamics) of corrupted test episodes"
+    )
     dn.add_argument("target", help="run directory or checkpoint")
     dn.add_argument("--noise", type=float, default=0.15, help="pixel flip probability (binary) or noise std")
     dn.add_argument("--iters", type=int, default=5)

@@ -31,7 +31,9 @@ Split = Choice("Split", {"test": "test", "val": "val"})
 # The three test protocols (README, "Test protocols"); checkpoint.protocol picks the validation metric of each.
 Protocol = Choice("Protocol", {"joint": "joint", "memory_conditional": "memory_conditional", "heldout": "heldout"})
 # Lightning's precision settings (the legacy aliases 32 / 16 / bf16 are not accepted: one spelling each)
-Precision = Choice("Precision", {v: v for v in ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")})
+Precision = Choice(
+    "Precision", {v: v for v in ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")}
+)
 PROTOCOL_MONITOR = {"joint": "val/neg_elbo", "memory_conditional": "val/memory_conditional", "heldout": "val/heldout"}
 
 
@@ -67,7 +69,9 @@ class TrainerConfig:
     num_sanity_val_steps: int = 1
     log_every_n_steps: int = 10
     deterministic: bool = False
-    progress_bar: ProgressBar = ProgressBar.auto  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
+    progress_bar: ProgressBar = (
+        ProgressBar.auto
+    )  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
     num_threads: int | None = None  # torch CPU threads; None: torch's default
     progress_interval: float = 30.0  # seconds between progress lines when no bar is drawn (log files, batch jobs)
 
@@ -99,7 +103,9 @@ class EvalConfig:
     is_samples: int = 100  # importance samples of the test NLL estimates (joint and held-out; 0: skip them)
     split: Split = Split.test
     heldout_targets: int | None = None  # n targets scored given the first T - n items; None: T // 4 (at least 1)
-    class_episodes: bool = False  # also score class-structured test episodes (data.classes_per_episode classes each): test_class/*
+    class_episodes: bool = (
+        False  # also score class-structured test episodes (data.classes_per_episode classes each): test_class/*
+    )
 
 
 @dataclass
@@ -209,8 +215,10 @@ def _check_ranges(cfg: DictConfig) -> None:
     check_precision_supported(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     n, T = cfg.eval.heldout_targets, cfg.data.episode_length
     if n is not None and not 1 <= n <= T - 1:
-        raise ConfigError(f"bad value for 'eval.heldout_targets': {n} (must be in [1, T - 1] = [1, {T - 1}] "
-                          f"for data.episode_length={T}, or null for T // 4)")
+        raise ConfigError(
+            f"bad value for 'eval.heldout_targets': {n} (must be in [1, T - 1] = [1, {T - 1}] "
+            f"for data.episode_length={T}, or null for T // 4)"
+        )
 
 
 def check_precision_supported(precision: str, accelerator: str) -> None:
@@ -221,8 +229,10 @@ def check_precision_supported(precision: str, accelerator: str) -> None:
     import torch
 
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"trainer.precision={precision} needs bfloat16, which {torch.cuda.get_device_name()} "
-                          "does not support; use trainer.precision=16-mixed or 32-true")
+        raise ConfigError(
+            f"trainer.precision={precision} needs bfloat16, which {torch.cuda.get_device_name()} "
+            "does not support; use trainer.precision=16-mixed or 32-true"
+        )
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -320,8 +330,10 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], choices: dict[str, st
         key, value = split_override(ov)
         if key in GROUPS:
             if saved.get(key) != value:
-                raise ConfigError(f"'{ov}': this run was made with {key}={saved.get(key, 'its default')}; "
-                                  "start a new run to change it")
+                raise ConfigError(
+                    f"'{ov}': this run was made with {key}={saved.get(key, 'its default')}; "
+                    "start a new run to change it"
+                )
             continue
         dotted.append(ov)
     overrides = dotted

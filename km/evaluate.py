@@ -17,8 +17,12 @@ from km.config import apply_overrides, to_dict, typed
 from km.runs import RunError, atomic_write_text, load_checkpoint, locate, read_meta
 
 
-def load_run(target: str | Path, overrides: list[str] | None = None, map_location: str = "cpu",
-             dm: pl.LightningDataModule | None = None):
+def load_run(
+    target: str | Path,
+    overrides: list[str] | None = None,
+    map_location: str = "cpu",
+    dm: pl.LightningDataModule | None = None,
+):
     """A run dir or checkpoint -> (cfg, run_dir, ckpt path, datamodule, model with weights loaded).
 
     `dm`: an already loaded data module of this run (saves loading the data again after training)."""
@@ -52,8 +56,10 @@ def _incompatibility(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str
     parts = []
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} tensors differ in shape (e.g. {k}: checkpoint {tuple(sd[k].shape)} "
-                     f"vs model {tuple(own[k].shape)})")
+        parts.append(
+            f"{len(shapes)} tensors differ in shape (e.g. {k}: checkpoint {tuple(sd[k].shape)} "
+            f"vs model {tuple(own[k].shape)})"
+        )
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if extra:
@@ -74,8 +80,9 @@ def protocol_of(metric: str) -> str:
     return next(label for prefix, label in PROTOCOL_LABELS if leaf.startswith(prefix))
 
 
-def _test_once(trainer: pl.Trainer, model: pl.LightningModule, dm: pl.LightningDataModule, split: str,
-               seed: int) -> tuple[dict[str, float], int]:
+def _test_once(
+    trainer: pl.Trainer, model: pl.LightningModule, dm: pl.LightningDataModule, split: str, seed: int
+) -> tuple[dict[str, float], int]:
     """One pass over the split's episodes: (metrics, number of episodes)."""
     seed_all(seed)  # the IS estimates and sampled bounds use fixed noise
     metrics = (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)[0]
@@ -84,9 +91,14 @@ def _test_once(trainer: pl.Trainer, model: pl.LightningModule, dm: pl.LightningD
     return {k: float(v) for k, v in metrics.items()}, sum(b["idx"].shape[0] for b in loader)
 
 
-def evaluate(target: str | Path, split: str = "test", is_samples: int | None = None,
-             overrides: list[str] | None = None, dm: pl.LightningDataModule | None = None,
-             accelerator: str = "auto") -> dict[str, Any]:
+def evaluate(
+    target: str | Path,
+    split: str = "test",
+    is_samples: int | None = None,
+    overrides: list[str] | None = None,
+    dm: pl.LightningDataModule | None = None,
+    accelerator: str = "auto",
+) -> dict[str, Any]:
     """Metrics of a run's best checkpoint under the three protocols; writes <run_dir>/eval.json for the test
     split and <run_dir>/eval_val.json for the validation split (so a val evaluation never replaces test results).
 
@@ -103,10 +115,16 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
     from km.callbacks import ProgressLines
 
     bar = sys.stderr.isatty() and str(cfg.trainer.progress_bar) != "none"
-    trainer = pl.Trainer(accelerator=accelerator if accelerator != "auto" else cfg.trainer.accelerator,
-                         devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=bar, use_distributed_sampler=False,
-                         callbacks=[] if bar else [ProgressLines(cfg.trainer.progress_interval)])
+    trainer = pl.Trainer(
+        accelerator=accelerator if accelerator != "auto" else cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bar,
+        use_distributed_sampler=False,
+        callbacks=[] if bar else [ProgressLines(cfg.trainer.progress_interval)],
+    )
     t0 = time.time()
     metrics, episodes = _test_once(trainer, model, dm, split, cfg.seed + 424242)
     kinds = {split: {"episodes": episodes, "eval_episodes": str(cfg.data.eval_episodes)}}
@@ -114,20 +132,36 @@ def evaluate(target: str | Path, split: str = "test", is_samples: int | None = N
         class_cfg = apply_overrides(cfg, ["data.eval_episodes=class"])
         class_metrics, n = _test_once(trainer, model, build_datamodule(class_cfg), split, cfg.seed + 424242)
         metrics |= {k.replace("test/", "test_class/", 1): v for k, v in class_metrics.items()}
-        kinds["test_class"] = {"episodes": n, "eval_episodes": "class",
-                               "classes_per_episode": cfg.data.classes_per_episode}
+        kinds["test_class"] = {
+            "episodes": n,
+            "eval_episodes": "class",
+            "classes_per_episode": cfg.data.classes_per_episode,
+        }
     meta = read_meta(run_dir)
     T = cfg.data.episode_length
     result = {
-        "run_dir": str(run_dir), "checkpoint": str(ckpt), "split": split,
-        "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
-        "unit": model.lik.unit, "episode_length": T, "episodes": episodes, "kinds": kinds,
-        "is_samples": model.is_samples, "eval_seed": cfg.data.eval_seed,
-        "heldout_targets": model.heldout_n(T), "class_episodes": "test_class" in kinds,
-        "protocol": str(cfg.checkpoint.protocol), "kl_weights": to_dict(cfg.model.kl_weights),
-        "steps": meta.get("steps"), "checkpoint_step": model.checkpoint_step, "epoch": model.checkpoint_epoch,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "split": split,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "unit": model.lik.unit,
+        "episode_length": T,
+        "episodes": episodes,
+        "kinds": kinds,
+        "is_samples": model.is_samples,
+        "eval_seed": cfg.data.eval_seed,
+        "heldout_targets": model.heldout_n(T),
+        "class_episodes": "test_class" in kinds,
+        "protocol": str(cfg.checkpoint.protocol),
+        "kl_weights": to_dict(cfg.model.kl_weights),
+        "steps": meta.get("steps"),
+        "checkpoint_step": model.checkpoint_step,
+        "epoch": model.checkpoint_epoch,
         "train_seconds": meta.get("train_seconds"),
-        "metrics": metrics, "seconds": round(time.time() - t0, 1),
+        "metrics": metrics,
+        "seconds": round(time.time() - t0, 1),
     }
     result["file"] = str(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"))
     atomic_write_text(Path(result["file"]), json.dumps(result, indent=2))
@@ -143,9 +177,11 @@ def print_table(result: dict[str, Any]) -> None:
     console = Console(stderr=False)
     for kind in sorted({k.split("/", 1)[0] for k in result["metrics"]}):
         what = "one-class episodes" if kind.endswith("_class") else "iid episodes"
-        table = Table(title=f"{result['model']} on {result['data']} ({kind}: {what}, {result['unit']}, "
-                            f"T={result['episode_length']}, held-out n={result.get('heldout_targets')}, "
-                            f"IS={result['is_samples']}, {result.get('steps', '?')} steps)")
+        table = Table(
+            title=f"{result['model']} on {result['data']} ({kind}: {what}, {result['unit']}, "
+            f"T={result['episode_length']}, held-out n={result.get('heldout_targets')}, "
+            f"IS={result['is_samples']}, {result.get('steps', '?')} steps)"
+        )
         table.add_column("protocol")
         table.add_column("metric")
         table.add_column("value", justify="right")

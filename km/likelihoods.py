@@ -57,9 +57,7 @@ class DiscretisedLogistic:
         log_one_minus_cdf_min = -F.softplus(minus)  # log(1 - sigmoid(minus)): highest bin
         mid = inv_s * (x - mu)
         log_pdf_mid = mid - log_s - 2 * F.softplus(mid)  # fallback when the bin mass underflows
-        inner = torch.where(
-            cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - math.log(127.5)
-        )
+        inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - math.log(127.5))
         logp = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, inner))
         return logp.flatten(1).sum(1)
 

@@ -24,13 +24,17 @@ def split_override(ov: str) -> tuple[str, str]:
         raise ConfigError(f"override '{ov}' is not of the form key=value")
     key, value = ov.split("=", 1)
     if key.startswith(("+", "~")):
-        raise ConfigError(f"'{ov}': adding or deleting config keys (+, ++, ~) is not supported; every option "
-                            f"already exists (km config lists them): write {key.lstrip('+~')}=...")
+        raise ConfigError(
+            f"'{ov}': adding or deleting config keys (+, ++, ~) is not supported; every option "
+            f"already exists (km config lists them): write {key.lstrip('+~')}=..."
+        )
     if not key:
         raise ConfigError(f"override '{ov}' has no key")
     if "${" in value:
-        raise ConfigError(f"'{ov}': interpolations (${{...}}) are not allowed in override values; they would be "
-                            "resolved (secrets included) into config.yaml and the checkpoints")
+        raise ConfigError(
+            f"'{ov}': interpolations (${{...}}) are not allowed in override values; they would be "
+            "resolved (secrets included) into config.yaml and the checkpoints"
+        )
     return key, value
 
 

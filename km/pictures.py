@@ -41,8 +41,9 @@ def _save_rows(rows: list[torch.Tensor], path: Path) -> Path:
 
 
 @torch.no_grad()
-def denoise_chain(model: Any, x: torch.Tensor, noise: float, iters: int, binary: bool, path: Path,
-                  columns: int = 12, seed: int = 0) -> list[dict[str, float]]:
+def denoise_chain(
+    model: Any, x: torch.Tensor, noise: float, iters: int, binary: bool, path: Path, columns: int = 12, seed: int = 0
+) -> list[dict[str, float]]:
     """Write clean episodes x (B, T, ...) to memory, corrupt them, read iteratively.
 
     PNG rows (first episode): original, corrupted, iterations 1..n. Returns per-iteration errors
@@ -87,8 +88,9 @@ def addressing_heatmap(model: Any, x: torch.Tensor, path: Path) -> Path | None:
     n = min(2, w.shape[0])
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     for i in range(n):
-        im = axes[0, i].imshow(w[i].numpy(), aspect="auto", cmap="RdBu_r",
-                               vmin=-w[i].abs().max().item(), vmax=w[i].abs().max().item())
+        im = axes[0, i].imshow(
+            w[i].numpy(), aspect="auto", cmap="RdBu_r", vmin=-w[i].abs().max().item(), vmax=w[i].abs().max().item()
+        )
         axes[0, i].set(xlabel="memory slot k", ylabel="item t in episode", title=f"addressing weights w, episode {i}")
         fig.colorbar(im, ax=axes[0, i])
     fig.tight_layout()
@@ -159,12 +161,15 @@ def window_picture(model: Any, x: torch.Tensor, path: Path, items: int = 8) -> P
         # normalised [-1, 1] (align_corners=False) -> cell coordinates, origin at the top-left cell's corner
         x0, y0, side = (tx - a + 1) / 2 * S - 0.5, (ty - a + 1) / 2 * S - 0.5, a * S
         axes[0].add_patch(Rectangle((x0, y0), side, side, fill=False, lw=1.5, color=colours[i % 10]))
-    axes[0].set(title=f"memory mean (channel mean), {len(theta)} read windows", xlim=(-0.5, S - 0.5), ylim=(S - 0.5, -0.5))
+    axes[0].set(
+        title=f"memory mean (channel mean), {len(theta)} read windows", xlim=(-0.5, S - 0.5), ylim=(S - 0.5, -0.5)
+    )
     strip = torch.cat(list(x[0, :items, 0].float().cpu()), dim=1)  # the items, side by side
     axes[1].imshow(strip.numpy(), cmap="gray")
     for i in range(len(theta)):
-        axes[1].add_patch(Rectangle((i * x.shape[-1], 0), x.shape[-1] - 1, x.shape[-2] - 1, fill=False, lw=2,
-                                    color=colours[i % 10]))
+        axes[1].add_patch(
+            Rectangle((i * x.shape[-1], 0), x.shape[-1] - 1, x.shape[-2] - 1, fill=False, lw=2, color=colours[i % 10])
+        )
     axes[1].set(title="items (frame colour = window)")
     axes[1].axis("off")
     fig.tight_layout()

@@ -91,8 +91,10 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise RunError(f"refusing checkpoint {path}: it holds objects other than tensors and plain data, which "
-                       f"could run code when loaded ({first})") from None
+        raise RunError(
+            f"refusing checkpoint {path}: it holds objects other than tensors and plain data, which "
+            f"could run code when loaded ({first})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
         raise RunError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).strip()[:150]}") from None
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
@@ -120,8 +122,10 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
-            raise RunError(f"{self.path.parent} is being trained by another process (pid {holder}); wait for it to "
-                           "end or stop it, then resume") from None
+            raise RunError(
+                f"{self.path.parent} is being trained by another process (pid {holder}); wait for it to "
+                "end or stop it, then resume"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -268,8 +272,12 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
-    keep = [r for r in rows if (not r.get("epoch") or int(float(r["epoch"])) <= last_epoch)
-            and not any(k.startswith("test") and v not in (None, "") for k, v in r.items() if k)]
+    keep = [
+        r
+        for r in rows
+        if (not r.get("epoch") or int(float(r["epoch"])) <= last_epoch)
+        and not any(k.startswith("test") and v not in (None, "") for k, v in r.items() if k)
+    ]
     if keep == rows:
         return
     buf = io.StringIO(newline="")

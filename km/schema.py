@@ -66,8 +66,14 @@ class KLWeights:
 
 
 # EpisodeOutput.parts name -> KLWeights field
-KL_GROUPS = {"kl_M": "memory", "kl_z": "z", "kl_y": "addressing", "kl_c": "addressing", "kl_w": "addressing",
-             "kl_Y": "addressing"}
+KL_GROUPS = {
+    "kl_M": "memory",
+    "kl_z": "z",
+    "kl_y": "addressing",
+    "kl_c": "addressing",
+    "kl_w": "addressing",
+    "kl_Y": "addressing",
+}
 
 
 @dataclass
@@ -145,8 +151,12 @@ class PKMConfig(KMConfig):
     def check(self) -> None:
         super().check()
         need(self.machines >= 1, "machines", self.machines, ">= 1")
-        need(self.memory_size % self.machines == 0, "memory_size", self.memory_size,
-             f"a multiple of model.machines = {self.machines}: each machine gets memory_size / machines slots")
+        need(
+            self.memory_size % self.machines == 0,
+            "memory_size",
+            self.memory_size,
+            f"a multiple of model.machines = {self.machines}: each machine gets memory_size / machines slots",
+        )
         need(0 <= self.top_k <= self.machines, "top_k", self.top_k, f"in [0, model.machines = {self.machines}]")
 
 

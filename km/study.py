@@ -115,10 +115,20 @@ def load_runs(targets: list[str]) -> list[StudyRun]:
             batch = dm.get_batch("test", torch.arange(n)[None])
             _DATA_CACHE[key] = (batch["x"][0], batch["y"][0])
         x, y = _DATA_CACHE[key]
-        runs.append(StudyRun(label=run_label(cfg), model=model, x_test=x, y_test=y, data=str(cfg.data.name),
-                             binary=dm.likelihood == "bernoulli", memory=memory_size(model),
-                             train_T=int(cfg.data.episode_length), steps=int(getattr(model, "checkpoint_step", 0)),
-                             run_dir=run_dir))
+        runs.append(
+            StudyRun(
+                label=run_label(cfg),
+                model=model,
+                x_test=x,
+                y_test=y,
+                data=str(cfg.data.name),
+                binary=dm.likelihood == "bernoulli",
+                memory=memory_size(model),
+                train_T=int(cfg.data.episode_length),
+                steps=int(getattr(model, "checkpoint_step", 0)),
+                run_dir=run_dir,
+            )
+        )
     labels = [r.label for r in runs]
     for _i, r in enumerate(runs):  # same config twice: tell them apart by run id
         if labels.count(r.label) > 1 and r.run_dir is not None:
@@ -139,8 +149,10 @@ def memory_runs(runs: list[StudyRun], study: str) -> list[StudyRun]:
     """The runs that have a memory; a one-line error naming the first that has none."""
     for r in runs:
         if not r.has_memory:
-            raise StudyError(f"{study}: run '{r.label}' ({r.run_dir or 'in-process'}) is a {r.model_name}, "
-                             "a model without a memory; this study measures memories (give KM, DKM, PKM or K++ runs)")
+            raise StudyError(
+                f"{study}: run '{r.label}' ({r.run_dir or 'in-process'}) is a {r.model_name}, "
+                "a model without a memory; this study measures memories (give KM, DKM, PKM or K++ runs)"
+            )
     return runs
 
 
@@ -153,8 +165,10 @@ def check_items(T: int, episodes: int, n: int) -> None:
     if T < 1 or episodes < 1:
         raise StudyError(f"T={T} and episodes={episodes} must both be >= 1")
     if T * episodes > n:
-        raise StudyError(f"T={T} x {episodes} episodes needs {T * episodes} distinct test images; the test split "
-                         f"has {n} (lower --T or --episodes)")
+        raise StudyError(
+            f"T={T} x {episodes} episodes needs {T * episodes} distinct test images; the test split "
+            f"has {n} (lower --T or --episodes)"
+        )
 
 
 def episodes_of(x: Tensor, T: int, episodes: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -178,7 +192,7 @@ def corrupt_cues(x: Tensor, kind: str, noise: float, binary: bool, seed: int = 0
         return corrupt(x, noise, binary, torch.Generator().manual_seed(seed))
     if kind == "blank":
         out = x.clone()
-        out[..., x.shape[-2] // 2:, :] = 0
+        out[..., x.shape[-2] // 2 :, :] = 0
         return out
     if kind == "none":
         return x.clone()
@@ -205,8 +219,11 @@ def retrieval_scores(reads: Tensor, items: Tensor, binary: bool = True) -> dict[
     own = d.diagonal(dim1=1, dim2=2)  # (E, T)
     others = d + torch.diag_embed(torch.full_like(own, float("inf")))
     hit = own < others.min(-1).values if items.shape[1] > 1 else torch.ones_like(own, dtype=torch.bool)
-    return {"pixel_error": pixel_error(reads, items, binary).mean().item(), "l1": own.mean().item(),
-            "accuracy": hit.float().mean().item()}
+    return {
+        "pixel_error": pixel_error(reads, items, binary).mean().item(),
+        "l1": own.mean().item(),
+        "accuracy": hit.float().mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -244,7 +261,10 @@ def md_table(columns: list[str], rows: list[list[Any]]) -> str:
             return "-" if math.isnan(v) else f"{v:.3f}"
         return str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
+    ]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -267,8 +287,19 @@ class StudyResult:
         md = out / f"{self.name}_{self.data}.md"
         md.write_text(self.text())
         js = out / f"{self.name}_{self.data}.json"
-        js.write_text(json.dumps({"study": self.name, "data": self.data, "header": self.header, "rows": self.rows,
-                                  "seconds": round(self.seconds, 1)}, indent=1, default=str))
+        js.write_text(
+            json.dumps(
+                {
+                    "study": self.name,
+                    "data": self.data,
+                    "header": self.header,
+                    "rows": self.rows,
+                    "seconds": round(self.seconds, 1),
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return [md, js]
 
 
@@ -290,9 +321,16 @@ def _plt():
 # 1. capacity
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), episodes: int = 16,
-             noise: float = 0.15, corruptions: tuple[str, ...] = ("flip", "blank", "none"), iters: int = 1, seed: int = 0,
-             out: Path | None = None) -> StudyResult:
+def capacity(
+    runs: list[StudyRun],
+    Ts: tuple[int, ...] = (8, 16, 32, 64, 128),
+    episodes: int = 16,
+    noise: float = 0.15,
+    corruptions: tuple[str, ...] = ("flip", "blank", "none"),
+    iters: int = 1,
+    seed: int = 0,
+    out: Path | None = None,
+) -> StudyResult:
     """Store T items, cue each with a corrupted copy, read `iters` times; retrieval error and accuracy vs T.
 
     Models without a memory (the VAE) read the cue on their own (reconstruct again): the no-memory line.
@@ -301,8 +339,10 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
     data = one_data_set(runs)
     check_noise(noise)
     if not any(r.has_memory for r in runs):
-        raise StudyError("capacity: every run given is a model without a memory; give at least one KM, DKM, PKM "
-                         "or K++ run (a VAE run is the no-memory line beside them)")
+        raise StudyError(
+            "capacity: every run given is a model without a memory; give at least one KM, DKM, PKM "
+            "or K++ run (a VAE run is the no-memory line beside them)"
+        )
     for c in corruptions:
         if c not in CORRUPTIONS:
             raise StudyError(f"unknown corruption {c!r}; valid: {', '.join(CORRUPTIONS)}")
@@ -316,41 +356,82 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
         x, _ = episodes_of(x_all, T, episodes, seed)
         for c in corruptions:
             cues = corrupt_cues(x, c, noise, binary, seed + 1)
-            rows.append({"model": "query (no read)", "memory": "-", "corruption": c, "T": T,
-                         **retrieval_scores(cues, x, binary), "chance": 1 / T})
+            rows.append(
+                {
+                    "model": "query (no read)",
+                    "memory": "-",
+                    "corruption": c,
+                    "T": T,
+                    **retrieval_scores(cues, x, binary),
+                    "chance": 1 / T,
+                }
+            )
             for r in runs:
                 torch.manual_seed(seed)
                 memory = r.model.write(x)
                 reads = iterate_reads(r.model, cues, memory, iters)[-1]
-                rows.append({"model": r.label + ("" if r.has_memory else " (no memory)"), "memory": r.memory,
-                             "corruption": c, "T": T, **retrieval_scores(reads, x, binary), "chance": 1 / T})
+                rows.append(
+                    {
+                        "model": r.label + ("" if r.has_memory else " (no memory)"),
+                        "memory": r.memory,
+                        "corruption": c,
+                        "T": T,
+                        **retrieval_scores(reads, x, binary),
+                        "chance": 1 / T,
+                    }
+                )
                 if not r.has_memory:
                     continue
                 empty = iterate_reads(r.model, cues, None, iters)[-1]  # the same model, its prior memory
-                rows.append({"model": r.label + ", prior memory", "memory": r.memory, "corruption": c, "T": T,
-                             **retrieval_scores(empty, x, binary), "chance": 1 / T})
+                rows.append(
+                    {
+                        "model": r.label + ", prior memory",
+                        "memory": r.memory,
+                        "corruption": c,
+                        "T": T,
+                        **retrieval_scores(empty, x, binary),
+                        "chance": 1 / T,
+                    }
+                )
                 if iters == 1 and (pr := prior_read(r.model, cues, memory)) is not None:
-                    rows.append({"model": r.label + ", w^T M read", "memory": r.memory, "corruption": c, "T": T,
-                                 **retrieval_scores(r.model.mean_image(pr), x, binary), "chance": 1 / T})
-    header = (f"**capacity** on {data} test images: {episodes} episodes of T distinct items per T (seed {seed}), "
-              f"each written to a fresh memory; every item cued with a corrupted copy ("
-              + ", ".join({"flip": f"flip: {noise:g} of pixels flipped", "blank": "blank: bottom half set to 0",
-                           "none": "none: the clean item"}[c] for c in corruptions)
-              + f"), read {iters}x. pixel error: fraction of pixels wrong (read thresholded at 0.5) against the "
-              "item's own stored copy; accuracy: fraction of reads nearer (L1/pixel) to their own item than to any "
-              "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. KM and PKM read "
-              "through q(z | x, y, M), which also sees the cue bottom-up; their 'w^T M read' rows decode the memory's "
-              "own read, the mean of p(z | y, M), instead. 'prior memory' rows: the same model reading the same cues from its "
-              "prior memory, nothing written (the memory's gain is the difference). Runs: "
-              + _budget(runs) + ".")
+                    rows.append(
+                        {
+                            "model": r.label + ", w^T M read",
+                            "memory": r.memory,
+                            "corruption": c,
+                            "T": T,
+                            **retrieval_scores(r.model.mean_image(pr), x, binary),
+                            "chance": 1 / T,
+                        }
+                    )
+    header = (
+        f"**capacity** on {data} test images: {episodes} episodes of T distinct items per T (seed {seed}), "
+        f"each written to a fresh memory; every item cued with a corrupted copy ("
+        + ", ".join(
+            {
+                "flip": f"flip: {noise:g} of pixels flipped",
+                "blank": "blank: bottom half set to 0",
+                "none": "none: the clean item",
+            }[c]
+            for c in corruptions
+        )
+        + f"), read {iters}x. pixel error: fraction of pixels wrong (read thresholded at 0.5) against the "
+        "item's own stored copy; accuracy: fraction of reads nearer (L1/pixel) to their own item than to any "
+        "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. KM and PKM read "
+        "through q(z | x, y, M), which also sees the cue bottom-up; their 'w^T M read' rows decode the memory's "
+        "own read, the mean of p(z | y, M), instead. 'prior memory' rows: the same model reading the same cues from its "
+        "prior memory, nothing written (the memory's gain is the difference). Runs: " + _budget(runs) + "."
+    )
     models = list(dict.fromkeys(row["model"] for row in rows))
     cols = ["model", "memory", "corruption"] + [f"T={T} err / acc" for T in Ts]
     trows = []
     for c in corruptions:
         for m in models:
             sel = {row["T"]: row for row in rows if row["model"] == m and row["corruption"] == c}
-            trows.append([m, next(iter(sel.values()))["memory"], c]
-                         + [f"{sel[T]['pixel_error']:.3f} / {sel[T]['accuracy']:.3f}" for T in Ts])
+            trows.append(
+                [m, next(iter(sel.values()))["memory"], c]
+                + [f"{sel[T]['pixel_error']:.3f} / {sel[T]['accuracy']:.3f}" for T in Ts]
+            )
     trows.append(["chance accuracy", "-", "-"] + [f"- / {1 / T:.3f}" for T in Ts])
     res = StudyResult("capacity", data, header, md_table(cols, trows), rows)
     if out is not None:
@@ -359,9 +440,15 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
         colours: dict[str, str] = {}
         for j, c in enumerate(corruptions):
             for m in models:
-                sel = sorted((row for row in rows if row["model"] == m and row["corruption"] == c), key=lambda r: r["T"])
+                sel = sorted(
+                    (row for row in rows if row["model"] == m and row["corruption"] == c), key=lambda r: r["T"]
+                )
                 base = m.split(",")[0]
-                colour = "grey" if m.startswith("query") or "no memory" in m else colours.setdefault(base, f"C{len(colours)}")
+                colour = (
+                    "grey"
+                    if m.startswith("query") or "no memory" in m
+                    else colours.setdefault(base, f"C{len(colours)}")
+                )
                 if m.startswith("query"):
                     style = {"linestyle": ":", "color": "grey"}
                 elif "no memory" in m:
@@ -377,14 +464,20 @@ def capacity(runs: list[StudyRun], Ts: tuple[int, ...] = (8, 16, 32, 64, 128), e
             axes[1, j].plot(Ts, [1 / T for T in Ts], color="black", linestyle="-.", lw=1, label="chance (1/T)")
             what = {"flip": f"{noise:g} pixel flips", "blank": "bottom half blanked", "none": "clean cue"}[c]
             axes[0, j].set(title=f"cue: {what}", ylabel="retrieval pixel error (fraction of pixels)", xscale="log")
-            axes[1, j].set(xlabel="items stored T (log scale)", ylabel="retrieval accuracy (fraction of items)",
-                           xscale="log", ylim=(-0.02, 1.02))
+            axes[1, j].set(
+                xlabel="items stored T (log scale)",
+                ylabel="retrieval accuracy (fraction of items)",
+                xscale="log",
+                ylim=(-0.02, 1.02),
+            )
             for i in range(2):
                 axes[i, j].minorticks_off()
                 axes[i, j].set_xticks(list(Ts), [str(T) for T in Ts])
                 axes[i, j].grid(alpha=0.3)
         axes[1, -1].legend(fontsize=8, loc="best")
-        fig.suptitle(f"Capacity on {data}: {episodes} episodes per T, {iters} read(s); lower error, higher accuracy is better")
+        fig.suptitle(
+            f"Capacity on {data}: {episodes} episodes per T, {iters} read(s); lower error, higher accuracy is better"
+        )
         fig.tight_layout()
         res.png = _savefig(fig, out / f"capacity_{data}.png")
     res.seconds = time.time() - t0
@@ -428,10 +521,15 @@ def classify_end_points(points: Tensor, items: Tensor, binary: bool = True) -> d
     dpp = l1_distances(p, p)
     off = ~eye
     spread = (dpp[off].mean() / dii[off].mean()).item() if T > 1 else float("nan")
-    return {"own": (own_is_nearest & within).float().mean().item(),
-            "other": (~own_is_nearest & within).float().mean().item(),
-            "none": (~within).float().mean().item(), "nearest_own": own_is_nearest.float().mean().item(),
-            "dist_own": d.diagonal(dim1=1, dim2=2).mean().item(), "tau": tau.mean().item(), "spread": spread}
+    return {
+        "own": (own_is_nearest & within).float().mean().item(),
+        "other": (~own_is_nearest & within).float().mean().item(),
+        "none": (~within).float().mean().item(),
+        "nearest_own": own_is_nearest.float().mean().item(),
+        "dist_own": d.diagonal(dim1=1, dim2=2).mean().item(),
+        "tau": tau.mean().item(),
+        "spread": spread,
+    }
 
 
 @torch.no_grad()
@@ -441,8 +539,16 @@ def read_nll(model: Any, x: Tensor, memory: Any) -> float:
 
 
 @torch.no_grad()
-def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: float = 0.15, iters: int = 20,
-               feedbacks: tuple[str, ...] = ("mean", "threshold"), seed: int = 0, out: Path | None = None) -> StudyResult:
+def attractors(
+    runs: list[StudyRun],
+    T: int = 32,
+    episodes: int = 8,
+    noise: float = 0.15,
+    iters: int = 20,
+    feedbacks: tuple[str, ...] = ("mean", "threshold"),
+    seed: int = 0,
+    out: Path | None = None,
+) -> StudyResult:
     """Write T clean items, start a chain at each item's corrupted copy, iterate the read `iters` times;
     classify the end points (own / other / none stored item) and track energy per step."""
     t0 = time.time()
@@ -474,37 +580,77 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
                     cur["energy"].append(r.model.energy(pt, memory).mean().item())
             end = classify_end_points(chain[-1], x, binary)
             clean = classify_end_points(iterate_reads(r.model, x, memory, iters, fb)[-1], x, binary)
-            rows.append({"run": r.label, "feedback": fb, **{k: end[k] for k in ("own", "other", "none", "nearest_own",
-                                                                                  "dist_own", "spread", "tau")},
-                         "clean_start_own": clean["own"], "clean_start_dist_own": clean["dist_own"],
-                         "energy_first": cur["energy"][0] if cur["energy"] else float("nan"),
-                         "energy_last": cur["energy"][-1] if cur["energy"] else float("nan"),
-                         "energy_monotone": (all(b <= a + 1e-6 for a, b in zip(cur["energy"], cur["energy"][1:], strict=False))
-                                             if cur["energy"] else None),
-                         "read_nll_first": cur["read_nll"][0], "read_nll_last": cur["read_nll"][-1],
-                         "dist_own_by_step": cur["dist_own"]})
+            rows.append(
+                {
+                    "run": r.label,
+                    "feedback": fb,
+                    **{k: end[k] for k in ("own", "other", "none", "nearest_own", "dist_own", "spread", "tau")},
+                    "clean_start_own": clean["own"],
+                    "clean_start_dist_own": clean["dist_own"],
+                    "energy_first": cur["energy"][0] if cur["energy"] else float("nan"),
+                    "energy_last": cur["energy"][-1] if cur["energy"] else float("nan"),
+                    "energy_monotone": (
+                        all(b <= a + 1e-6 for a, b in zip(cur["energy"], cur["energy"][1:], strict=False))
+                        if cur["energy"]
+                        else None
+                    ),
+                    "read_nll_first": cur["read_nll"][0],
+                    "read_nll_last": cur["read_nll"][-1],
+                    "dist_own_by_step": cur["dist_own"],
+                }
+            )
             curves[key] = cur
-    header = (f"**attractors** on {data} test images: {episodes} episodes of T={T} items (seed {seed}) written clean; "
-              f"each chain starts at its item with {noise:g} of pixels flipped and reads {iters} times (feedback=mean: "
-              "the read's mean image is fed back, KM Algorithm 1 / DKM's dynamics; threshold: thresholded at 0.5 first). "
-              "End point classes (fractions of chains): own / other = nearest stored item is its own / another one and "
-              "within tau; none = no stored item within tau; tau = half the mean distance between a stored item and its "
-              "nearest other item of the episode (distances: fraction of differing pixels, end point thresholded at "
-              "0.5). dist to own: mean distance of the chain's point to its own stored item after 1 read and at the end. spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
-              "clean start: the same chains started from the clean items. energy: DKM's own (-ELBO of the query at the "
-              "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
-              f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
-              f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Every chain ending on the all-black image would score own "
-              f"{black['own']:.3f}, other {black['other']:.3f}, none {black['none']:.3f}, distance to own "
-              f"{black['dist_own']:.3f}. Runs: " + _budget(runs) + ".")
-    cols = ["run", "feedback", "own", "other", "none", "nearest is own", "dist to own: 1 read", "dist to own", "spread",
-            "clean start: own", "clean start: dist", "energy step 0 -> n", "read NLL step 0 -> n"]
-    trows = [[w["run"], w["feedback"], w["own"], w["other"], w["none"], w["nearest_own"], w["dist_own_by_step"][1],
-              w["dist_own"], w["spread"],
-              w["clean_start_own"], w["clean_start_dist_own"],
-              "-" if math.isnan(w["energy_first"]) else f"{w['energy_first']:.1f} -> {w['energy_last']:.1f}"
-              + ("" if w["energy_monotone"] else " (not monotone)"),
-              f"{w['read_nll_first']:.1f} -> {w['read_nll_last']:.1f}"] for w in rows]
+    header = (
+        f"**attractors** on {data} test images: {episodes} episodes of T={T} items (seed {seed}) written clean; "
+        f"each chain starts at its item with {noise:g} of pixels flipped and reads {iters} times (feedback=mean: "
+        "the read's mean image is fed back, KM Algorithm 1 / DKM's dynamics; threshold: thresholded at 0.5 first). "
+        "End point classes (fractions of chains): own / other = nearest stored item is its own / another one and "
+        "within tau; none = no stored item within tau; tau = half the mean distance between a stored item and its "
+        "nearest other item of the episode (distances: fraction of differing pixels, end point thresholded at "
+        "0.5). dist to own: mean distance of the chain's point to its own stored item after 1 read and at the end. spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
+        "clean start: the same chains started from the clean items. energy: DKM's own (-ELBO of the query at the "
+        "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
+        f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
+        f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Every chain ending on the all-black image would score own "
+        f"{black['own']:.3f}, other {black['other']:.3f}, none {black['none']:.3f}, distance to own "
+        f"{black['dist_own']:.3f}. Runs: " + _budget(runs) + "."
+    )
+    cols = [
+        "run",
+        "feedback",
+        "own",
+        "other",
+        "none",
+        "nearest is own",
+        "dist to own: 1 read",
+        "dist to own",
+        "spread",
+        "clean start: own",
+        "clean start: dist",
+        "energy step 0 -> n",
+        "read NLL step 0 -> n",
+    ]
+    trows = [
+        [
+            w["run"],
+            w["feedback"],
+            w["own"],
+            w["other"],
+            w["none"],
+            w["nearest_own"],
+            w["dist_own_by_step"][1],
+            w["dist_own"],
+            w["spread"],
+            w["clean_start_own"],
+            w["clean_start_dist_own"],
+            "-"
+            if math.isnan(w["energy_first"])
+            else f"{w['energy_first']:.1f} -> {w['energy_last']:.1f}"
+            + ("" if w["energy_monotone"] else " (not monotone)"),
+            f"{w['read_nll_first']:.1f} -> {w['read_nll_last']:.1f}",
+        ]
+        for w in rows
+    ]
     res = StudyResult("attractors", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
@@ -516,11 +662,16 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
         ypos = range(len(labels))
         ax[0, 0].barh(ypos, own, color="tab:green", label="own stored item")
         ax[0, 0].barh(ypos, other, left=own, color="tab:orange", label="another stored item")
-        ax[0, 0].barh(ypos, none, left=[a + b for a, b in zip(own, other, strict=True)], color="tab:grey", label="no stored item")
+        ax[0, 0].barh(
+            ypos, none, left=[a + b for a, b in zip(own, other, strict=True)], color="tab:grey", label="no stored item"
+        )
         ax[0, 0].set_yticks(list(ypos), labels, fontsize=8)
         ax[0, 0].invert_yaxis()
-        ax[0, 0].set(xlabel=f"fraction of chains (end point after {iters} reads, within tau)", xlim=(0, 1),
-                     title="where the chains end")
+        ax[0, 0].set(
+            xlabel=f"fraction of chains (end point after {iters} reads, within tau)",
+            xlim=(0, 1),
+            title="where the chains end",
+        )
         ax[0, 0].legend(fontsize=8, loc="lower right")
         steps = list(range(iters + 1))
         run_colour: dict[str, str] = {}
@@ -533,19 +684,31 @@ def attractors(runs: list[StudyRun], T: int = 32, episodes: int = 8, noise: floa
                 ax[1, 0].plot(steps, cur["energy"], ls, color=col, label=k)
         ax[0, 1].axhline(black["dist_own"], color="grey", lw=1, linestyle="-.", label="all-black image")
         ax[0, 1].axhline(start["tau"], color="black", lw=1, linestyle=":", label="tau")
-        ax[0, 1].set(xlabel="read iteration (0 = corrupted query)", ylabel="distance to own stored item (fraction of pixels)",
-                     title="distance to the item the chain started from")
-        ax[1, 0].set(xlabel="read iteration (0 = corrupted query)", ylabel="energy (nats/image)",
-                     title="DKM energy: -ELBO of the query at the means")
+        ax[0, 1].set(
+            xlabel="read iteration (0 = corrupted query)",
+            ylabel="distance to own stored item (fraction of pixels)",
+            title="distance to the item the chain started from",
+        )
+        ax[1, 0].set(
+            xlabel="read iteration (0 = corrupted query)",
+            ylabel="energy (nats/image)",
+            title="DKM energy: -ELBO of the query at the means",
+        )
         if not any(cur["energy"] for cur in curves.values()):
             ax[1, 0].text(0.5, 0.5, "no model with an energy", ha="center", transform=ax[1, 0].transAxes)
-        ax[1, 1].set(xlabel="read iteration (0 = corrupted query)", ylabel="-ln p(x | read(x)) (nats/image)",
-                     title="energy proxy for every model", yscale="log")
+        ax[1, 1].set(
+            xlabel="read iteration (0 = corrupted query)",
+            ylabel="-ln p(x | read(x)) (nats/image)",
+            title="energy proxy for every model",
+            yscale="log",
+        )
         for a in (ax[0, 1], ax[1, 0], ax[1, 1]):
             a.grid(alpha=0.3)
             if a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=7)
-        fig.suptitle(f"Attractors on {data}: {episodes} episodes of T={T}, queries with {noise:g} pixel flips, {iters} reads")
+        fig.suptitle(
+            f"Attractors on {data}: {episodes} episodes of T={T}, queries with {noise:g} pixel flips, {iters} reads"
+        )
         fig.tight_layout()
         res.png = _savefig(fig, out / f"attractors_{data}.png")
     res.seconds = time.time() - t0
@@ -561,8 +724,10 @@ def class_episodes(y: Tensor, T: int, episodes: int, seed: int = 0) -> list[tupl
     counts = torch.bincount(y[y >= 0])
     eligible = (counts > T).nonzero().flatten()
     if len(eligible) == 0:
-        raise StudyError(f"no class of the test split has more than T={T} items (largest: "
-                         f"{int(counts.max()) if len(counts) else 0}); lower --T")
+        raise StudyError(
+            f"no class of the test split has more than T={T} items (largest: "
+            f"{int(counts.max()) if len(counts) else 0}); lower --T"
+        )
     g = torch.Generator().manual_seed(seed)
     chosen = eligible[torch.randperm(len(eligible), generator=g)]
     chosen = chosen.repeat(math.ceil(episodes / len(chosen)))[:episodes]
@@ -573,8 +738,9 @@ def class_episodes(y: Tensor, T: int, episodes: int, seed: int = 0) -> list[tupl
     return out
 
 
-def nearest_class_fractions(samples: Tensor, classes: Tensor, written: Tensor, x_test: Tensor, y_test: Tensor,
-                            chunk: int = 512) -> dict[str, float]:
+def nearest_class_fractions(
+    samples: Tensor, classes: Tensor, written: Tensor, x_test: Tensor, y_test: Tensor, chunk: int = 512
+) -> dict[str, float]:
     """samples (E, n, ...), classes (E,), written (E, T) test indices written to each memory.
     in_class: fraction of samples whose nearest test image (L2 on pixels) has the episode's class;
     in_class_unwritten: the same with the episode's written items left out of the search (so only new
@@ -591,8 +757,16 @@ def nearest_class_fractions(samples: Tensor, classes: Tensor, written: Tensor, x
 
 
 @torch.no_grad()
-def oneshot(runs: list[StudyRun], T: int = 15, episodes: int = 32, samples: int = 10, iters: int = 3, seed: int = 0,
-            out: Path | None = None, columns: int = 10) -> StudyResult:
+def oneshot(
+    runs: list[StudyRun],
+    T: int = 15,
+    episodes: int = 32,
+    samples: int = 10,
+    iters: int = 3,
+    seed: int = 0,
+    out: Path | None = None,
+    columns: int = 10,
+) -> StudyResult:
     """Write one-class episodes (T items of one class), draw samples from the memory and from the prior;
     the fraction whose nearest test image belongs to the conditioning class, and a labelled grid."""
     t0 = time.time()
@@ -626,29 +800,60 @@ def oneshot(runs: list[StudyRun], T: int = 15, episodes: int = 32, samples: int 
                 continue
             row[name] = nearest_class_fractions(s, classes, written, x_all, y_all)
         rows.append(row)
-        grids.append((r.label, x[0, :columns], None if mem_s is None else mem_s[0, :columns],
-                      None if read_s is None else read_s[0, :columns], prior_s[0, :columns]))
+        grids.append(
+            (
+                r.label,
+                x[0, :columns],
+                None if mem_s is None else mem_s[0, :columns],
+                None if read_s is None else read_s[0, :columns],
+                prior_s[0, :columns],
+            )
+        )
     reads_key = f"memory+{iters} reads"
-    header = (f"**one-shot generation** on {data}: {len(eps)} one-class test episodes of T={T} items each (classes with "
-              f"more than T test items, drawn without replacement, seed {seed}); {samples} samples per episode from the "
-              f"memory written from the episode (memory+{iters} reads: the same samples after {iters} iterative reads, "
-              "as the KM paper shows them) and from the prior memory. in class: fraction of samples whose nearest test "
-              "image (L2 on pixels, all test images) belongs to the episode's class; new drawing: the same with the "
-              f"episode's {T} written items left out of the search. Chance (a random test image's class): {chance:.4f}. "
-              "A model without a memory has no memory samples. Runs: " + _budget(runs) + ".")
-    cols = ["run", "memory size", "memory: in class", "memory: new drawing", f"{reads_key}: in class",
-            f"{reads_key}: new drawing", "prior: in class", "prior: new drawing"]
+    header = (
+        f"**one-shot generation** on {data}: {len(eps)} one-class test episodes of T={T} items each (classes with "
+        f"more than T test items, drawn without replacement, seed {seed}); {samples} samples per episode from the "
+        f"memory written from the episode (memory+{iters} reads: the same samples after {iters} iterative reads, "
+        "as the KM paper shows them) and from the prior memory. in class: fraction of samples whose nearest test "
+        "image (L2 on pixels, all test images) belongs to the episode's class; new drawing: the same with the "
+        f"episode's {T} written items left out of the search. Chance (a random test image's class): {chance:.4f}. "
+        "A model without a memory has no memory samples. Runs: " + _budget(runs) + "."
+    )
+    cols = [
+        "run",
+        "memory size",
+        "memory: in class",
+        "memory: new drawing",
+        f"{reads_key}: in class",
+        f"{reads_key}: new drawing",
+        "prior: in class",
+        "prior: new drawing",
+    ]
     trows = []
     for w in rows:
         m, rd, p = w["memory"], w[reads_key], w["prior"]
-        trows.append([w["run"], w["memory_size"], m["in_class"], m["in_class_unwritten"],
-                      rd["in_class"], rd["in_class_unwritten"], p["in_class"], p["in_class_unwritten"]])
+        trows.append(
+            [
+                w["run"],
+                w["memory_size"],
+                m["in_class"],
+                m["in_class_unwritten"],
+                rd["in_class"],
+                rd["in_class_unwritten"],
+                p["in_class"],
+                p["in_class_unwritten"],
+            ]
+        )
     res = StudyResult("oneshot", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
         strips = [(f"written episode\n(one class, {columns} of T={T})", grids[0][1])]
         for label, _, ms, rs, ps in grids:
-            strips += [(f"{label}\nfrom memory", ms), (f"{label}\nafter {iters} reads", rs), (f"{label}\nfrom prior", ps)]
+            strips += [
+                (f"{label}\nfrom memory", ms),
+                (f"{label}\nafter {iters} reads", rs),
+                (f"{label}\nfrom prior", ps),
+            ]
         strips = [(name, imgs) for name, imgs in strips if imgs is not None]
         fig, axes = plt.subplots(len(strips), 1, figsize=(columns * 0.9 + 2.5, len(strips) * 1.05 + 0.8), squeeze=False)
         for (name, imgs), a in zip(strips, axes[:, 0], strict=True):
@@ -657,9 +862,11 @@ def oneshot(runs: list[StudyRun], T: int = 15, episodes: int = 32, samples: int 
             a.set_xticks([])
             a.set_yticks([])
             a.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-        fig.suptitle(f"One-shot generation on {data}: the written episode (first test episode), then per model\n"
-                     f"samples from its memory, the same after {iters} iterative reads, and samples from the prior",
-                     fontsize=9)
+        fig.suptitle(
+            f"One-shot generation on {data}: the written episode (first test episode), then per model\n"
+            f"samples from its memory, the same after {iters} iterative reads, and samples from the prior",
+            fontsize=9,
+        )
         fig.tight_layout(rect=(0, 0, 1, 0.96))
         res.png = _savefig(fig, out / f"oneshot_{data}.png")
     res.seconds = time.time() - t0
@@ -681,13 +888,18 @@ def address_spread(w: Tensor) -> dict[str, float]:
     s = torch.linalg.svdvals(w.double())
     pnorm = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     ent = -(pnorm * pnorm.clamp_min(1e-30).log()).sum(-1)
-    return {"cosine": cos[off].mean().item() if T > 1 else float("nan"),
-            "rel_spread": (w.std(1).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
-            "eff_rank": ent.exp().mean().item(), "w_rms": w.pow(2).mean().sqrt().item()}
+    return {
+        "cosine": cos[off].mean().item() if T > 1 else float("nan"),
+        "rel_spread": (w.std(1).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+        "eff_rank": ent.exp().mean().item(),
+        "w_rms": w.pow(2).mean().sqrt().item(),
+    }
 
 
 @torch.no_grad()
-def addressing(runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int = 0, out: Path | None = None) -> StudyResult:
+def addressing(
+    runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int = 0, out: Path | None = None
+) -> StudyResult:
     """How much the addressing carries: KL(q(y|x) || p(y)) per item (KM, PKM) and the spread of w across
     the items of an episode; heatmaps of w."""
     t0 = time.time()
@@ -695,8 +907,10 @@ def addressing(runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int 
     memory_runs(runs, "addressing")
     for r in runs:
         if not hasattr(r.model, "addressing"):
-            raise StudyError(f"addressing: run '{r.label}' is a {r.model_name}, which has no addressing weights "
-                             "(KM, PKM and DKM have)")
+            raise StudyError(
+                f"addressing: run '{r.label}' is a {r.model_name}, which has no addressing weights "
+                "(KM, PKM and DKM have)"
+            )
     x, _ = episodes_of(runs[0].x_test, T, episodes, seed)
     rows, heat = [], []
     for r in runs:
@@ -709,22 +923,50 @@ def addressing(runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int 
             mu, ls = m.posterior_y(m.encode_images(x))
             kl = gaussian_kl(mu, ls, torch.zeros_like(mu), torch.zeros_like(ls))  # (E, T)
             row["kl_y"] = kl.mean().item()
-            row["kl_y_dims_active"] = int((gaussian_kl(mu[..., None], ls[..., None], torch.zeros_like(mu[..., None]),
-                                                       torch.zeros_like(ls[..., None])).mean((0, 1)) > 0.01).sum())
+            row["kl_y_dims_active"] = int(
+                (
+                    gaussian_kl(
+                        mu[..., None], ls[..., None], torch.zeros_like(mu[..., None]), torch.zeros_like(ls[..., None])
+                    ).mean((0, 1))
+                    > 0.01
+                ).sum()
+            )
             row["y_dim"] = mu.shape[-1]
         else:
             row["kl_y"], row["kl_y_dims_active"], row["y_dim"] = float("nan"), "-", "-"
         rows.append(row)
         heat.append((r.label, w[0]))
-    header = (f"**addressing** on {data}: {episodes} iid test episodes of T={T} (seed {seed}). KL_y: KL(q(y|x) || p(y)) "
-              "per item, nats (KM, PKM; what the addressing latent carries about an item); active dims: dimensions of y "
-              "with KL > 0.01 nats; w: the addressing weights at the means of q(y|x) (DKM: mu_w on the memory written "
-              "from the episode); cosine: mean pairwise cosine similarity of two items' w (1: every item written to "
-              "the same place); rel. spread: std of w across items / RMS of w (0: identical rows); eff. rank: exp "
-              "entropy of the singular values of the T x K matrix of w (1: one direction). Runs: " + _budget(runs) + ".")
-    cols = ["run", "memory", "KL_y (nats/item)", "active y dims", "cosine of w", "rel. spread of w", "eff. rank of w", "RMS of w"]
-    trows = [[w["run"], w["memory"], w["kl_y"], f"{w['kl_y_dims_active']} / {w['y_dim']}", w["cosine"], w["rel_spread"],
-              w["eff_rank"], w["w_rms"]] for w in rows]
+    header = (
+        f"**addressing** on {data}: {episodes} iid test episodes of T={T} (seed {seed}). KL_y: KL(q(y|x) || p(y)) "
+        "per item, nats (KM, PKM; what the addressing latent carries about an item); active dims: dimensions of y "
+        "with KL > 0.01 nats; w: the addressing weights at the means of q(y|x) (DKM: mu_w on the memory written "
+        "from the episode); cosine: mean pairwise cosine similarity of two items' w (1: every item written to "
+        "the same place); rel. spread: std of w across items / RMS of w (0: identical rows); eff. rank: exp "
+        "entropy of the singular values of the T x K matrix of w (1: one direction). Runs: " + _budget(runs) + "."
+    )
+    cols = [
+        "run",
+        "memory",
+        "KL_y (nats/item)",
+        "active y dims",
+        "cosine of w",
+        "rel. spread of w",
+        "eff. rank of w",
+        "RMS of w",
+    ]
+    trows = [
+        [
+            w["run"],
+            w["memory"],
+            w["kl_y"],
+            f"{w['kl_y_dims_active']} / {w['y_dim']}",
+            w["cosine"],
+            w["rel_spread"],
+            w["eff_rank"],
+            w["w_rms"],
+        ]
+        for w in rows
+    ]
     res = StudyResult("addressing", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
@@ -734,8 +976,10 @@ def addressing(runs: list[StudyRun], T: int = 32, episodes: int = 16, seed: int 
             im = a.imshow(w.numpy(), aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v)
             a.set(xlabel="memory slot k", ylabel="item t of episode 0", title=f"{label}: w (T={T} x K)")
             fig.colorbar(im, ax=a)
-        fig.suptitle(f"Addressing weights w on {data}, one iid test episode\n(rows that differ: items stored in different places)",
-                     fontsize=9)
+        fig.suptitle(
+            f"Addressing weights w on {data}, one iid test episode\n(rows that differ: items stored in different places)",
+            fontsize=9,
+        )
         fig.tight_layout()
         res.png = _savefig(fig, out / f"addressing_{data}.png")
     res.seconds = time.time() - t0
@@ -760,12 +1004,19 @@ def clustering_scores(assign: Any, labels: Any, shuffles: int = 20, seed: int = 
 
     assign, labels = np.asarray(assign), np.asarray(labels)
     rng = np.random.default_rng(seed)
-    sh = [(adjusted_rand_score(labels, s), normalized_mutual_info_score(labels, s), purity(s, labels))
-          for s in (rng.permutation(assign) for _ in range(shuffles))]
+    sh = [
+        (adjusted_rand_score(labels, s), normalized_mutual_info_score(labels, s), purity(s, labels))
+        for s in (rng.permutation(assign) for _ in range(shuffles))
+    ]
     c = np.mean(sh, axis=0)
-    return {"ari": float(adjusted_rand_score(labels, assign)), "nmi": float(normalized_mutual_info_score(labels, assign)),
-            "purity": float(purity(assign, labels)), "ari_shuffled": float(c[0]), "nmi_shuffled": float(c[1]),
-            "purity_shuffled": float(c[2])}
+    return {
+        "ari": float(adjusted_rand_score(labels, assign)),
+        "nmi": float(normalized_mutual_info_score(labels, assign)),
+        "purity": float(purity(assign, labels)),
+        "ari_shuffled": float(c[0]),
+        "nmi_shuffled": float(c[1]),
+        "purity_shuffled": float(c[2]),
+    }
 
 
 def weight_sparsity(pi: Tensor) -> dict[str, float]:
@@ -777,22 +1028,28 @@ def weight_sparsity(pi: Tensor) -> dict[str, float]:
     counts = torch.bincount(pi.argmax(-1), minlength=P).float()
     q = counts / counts.sum()
     use_ent = -(q * q.clamp_min(1e-12).log()).sum() / math.log(P) if P > 1 else torch.tensor(0.0)
-    return {"max": pi.max(-1).values.mean().item(), "entropy": ent.mean().item(),
-            "one_hot": (pi.max(-1).values > 0.9).float().mean().item(), "used": int((counts > 0).sum()),
-            "usage_entropy": use_ent.item()}
+    return {
+        "max": pi.max(-1).values.mean().item(),
+        "entropy": ent.mean().item(),
+        "one_hot": (pi.max(-1).values > 0.9).float().mean().item(),
+        "used": int((counts > 0).sum()),
+        "usage_entropy": use_ent.item(),
+    }
 
 
 @torch.no_grad()
-def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, seed: int = 0,
-               out: Path | None = None) -> StudyResult:
+def allocation(
+    runs: list[StudyRun], items: int = 10000, shuffles: int = 20, seed: int = 0, out: Path | None = None
+) -> StudyResult:
     """PKM: each labelled test item's machine weights pi (encoded one at a time), the dominant machine
     against the class (ARI, NMI, purity, each beside a shuffled baseline) and the sparsity of pi."""
     t0 = time.time()
     data = one_data_set(runs)
     for r in runs:
         if not hasattr(r.model, "item_machines"):
-            raise StudyError(f"allocation: run '{r.label}' is a {r.model_name}, which has a single memory; "
-                             "give PKM runs")
+            raise StudyError(
+                f"allocation: run '{r.label}' is a {r.model_name}, which has a single memory; give PKM runs"
+            )
     x, y = runs[0].x_test, runs[0].y_test
     keep = (y >= 0).nonzero().flatten()
     if len(keep) == 0:
@@ -803,20 +1060,50 @@ def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, see
     for r in runs:
         pi = torch.cat([r.model.item_machines(chunk[None])[0] for chunk in x.split(500)]).float()  # (N, P)
         assign = pi.argmax(-1)
-        row = {"run": r.label, "machines": pi.shape[1], "items": len(y), "classes": int(len(y.unique())),
-               **clustering_scores(assign.numpy(), y.numpy(), shuffles, seed), **weight_sparsity(pi)}
+        row = {
+            "run": r.label,
+            "machines": pi.shape[1],
+            "items": len(y),
+            "classes": int(len(y.unique())),
+            **clustering_scores(assign.numpy(), y.numpy(), shuffles, seed),
+            **weight_sparsity(pi),
+        }
         rows.append(row)
         pics.append((r.label, pi, assign))
-    header = (f"**PKM allocation** on {data}: {len(y)} labelled test items (seed {seed}), each encoded alone; its "
-              "machine weights pi and dominant machine argmax pi. ARI / NMI / purity of the dominant machine against the "
-              f"class, each beside its shuffled baseline (the same machine counts assigned at random, mean of {shuffles}); "
-              "sparsity: mean max pi (1/P uniform, 1 one-hot), mean entropy of pi / ln P (1 uniform, 0 one-hot), "
-              "fraction of items with max pi > 0.9, machines used as some item's dominant one. Runs: " + _budget(runs) + ".")
-    cols = ["run", "P", "classes", "ARI (shuffled)", "NMI (shuffled)", "purity (shuffled)", "mean max pi",
-            "entropy / ln P", "max pi > 0.9", "machines used"]
-    trows = [[w["run"], w["machines"], w["classes"], f"{w['ari']:.4f} ({w['ari_shuffled']:.4f})",
-              f"{w['nmi']:.4f} ({w['nmi_shuffled']:.4f})", f"{w['purity']:.4f} ({w['purity_shuffled']:.4f})",
-              w["max"], w["entropy"], w["one_hot"], w["used"]] for w in rows]
+    header = (
+        f"**PKM allocation** on {data}: {len(y)} labelled test items (seed {seed}), each encoded alone; its "
+        "machine weights pi and dominant machine argmax pi. ARI / NMI / purity of the dominant machine against the "
+        f"class, each beside its shuffled baseline (the same machine counts assigned at random, mean of {shuffles}); "
+        "sparsity: mean max pi (1/P uniform, 1 one-hot), mean entropy of pi / ln P (1 uniform, 0 one-hot), "
+        "fraction of items with max pi > 0.9, machines used as some item's dominant one. Runs: " + _budget(runs) + "."
+    )
+    cols = [
+        "run",
+        "P",
+        "classes",
+        "ARI (shuffled)",
+        "NMI (shuffled)",
+        "purity (shuffled)",
+        "mean max pi",
+        "entropy / ln P",
+        "max pi > 0.9",
+        "machines used",
+    ]
+    trows = [
+        [
+            w["run"],
+            w["machines"],
+            w["classes"],
+            f"{w['ari']:.4f} ({w['ari_shuffled']:.4f})",
+            f"{w['nmi']:.4f} ({w['nmi_shuffled']:.4f})",
+            f"{w['purity']:.4f} ({w['purity_shuffled']:.4f})",
+            w["max"],
+            w["entropy"],
+            w["one_hot"],
+            w["used"],
+        ]
+        for w in rows
+    ]
     res = StudyResult("allocation", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
@@ -829,15 +1116,24 @@ def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, see
                 cont.index_put_((y, assign), torch.ones(len(y)), accumulate=True)
                 cont = cont / cont.sum(1, keepdim=True).clamp_min(1)
                 im = a[0].imshow(cont.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-                a[0].set(xlabel="dominant machine", ylabel="class", title=f"{label}: P(dominant machine | class)",
-                         xticks=range(P), yticks=range(ncls))
+                a[0].set(
+                    xlabel="dominant machine",
+                    ylabel="class",
+                    title=f"{label}: P(dominant machine | class)",
+                    xticks=range(P),
+                    yticks=range(ncls),
+                )
                 fig.colorbar(im, ax=a[0])
             else:
                 a[0].hist(pi.max(-1).values.numpy(), bins=20, range=(0, 1))
                 a[0].set(xlabel="max machine weight of an item", ylabel="items", title=f"{label}: sparsity of pi")
             a[1].bar(range(P), torch.bincount(assign, minlength=P).numpy(), label="items (dominant)")
-            a[1].set(xlabel="machine", ylabel="items whose dominant machine it is", title=f"{label}: machine usage",
-                     xticks=range(P))
+            a[1].set(
+                xlabel="machine",
+                ylabel="items whose dominant machine it is",
+                title=f"{label}: machine usage",
+                xticks=range(P),
+            )
         fig.suptitle(f"PKM allocation on {data}", fontsize=9)
         fig.tight_layout()
         res.png = _savefig(fig, out / f"allocation_{data}.png")
@@ -850,7 +1146,10 @@ def allocation(runs: list[StudyRun], items: int = 10000, shuffles: int = 20, see
 # ---------------------------------------------------------------------------------------------
 # the options of `km study` are in km/cli.py (the parser must not import torch)
 STUDIES: dict[str, Callable[..., StudyResult]] = {
-    "capacity": capacity, "attractors": attractors, "oneshot": oneshot, "addressing": addressing,
+    "capacity": capacity,
+    "attractors": attractors,
+    "oneshot": oneshot,
+    "addressing": addressing,
     "allocation": allocation,
 }
 

@@ -102,15 +102,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("spec", help="W&B sweep YAML, e.g. sweeps/km_mnist_lr_memory.yaml")
     s.add_argument("--local", action="store_true", help="offline engine: no W&B server or credentials needed")
     s.add_argument("--dir", default=None, help="sweep directory (default: runs/sweeps/<spec stem>-<id>)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed km train override for every run (repeatable; saved in state.json)")
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed km train override for every run (repeatable; saved in state.json)",
+    )
     s.add_argument("--project", default=None, help="W&B project (online; default: the spec's, else kanerva-lab)")
     s.add_argument("--entity", default=None, help="W&B entity (online)")
     a = sub.add_parser("agent", help="run sweep runs: DIR (local sweep) or sweep ID (W&B)")
     a.add_argument("target", help="local sweep directory, or W&B sweep id [entity/project/]id")
     a.add_argument("--count", type=int, default=None, help="start at most N runs in this invocation")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra fixed km train override for this agent's runs (repeatable)")
+    a.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra fixed km train override for this agent's runs (repeatable)",
+    )
     a.add_argument("--gpus", default=None, help="online: comma-separated GPU ids, one `wandb agent` each")
     a.add_argument("--local", action="store_true", help="require a local sweep directory")
     st = sub.add_parser("status", help="table of a local sweep's runs")
@@ -192,8 +204,10 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
     try:
         state = json.loads(p.read_text())
     except (ValueError, OSError) as e:  # written atomically by us, so only outside damage truncates it
-        raise SweepError(f"{p} is unreadable ({type(e).__name__}: {str(e)[:80]}); restore it from a backup, or "
-                         "start a new sweep (finished runs keep their run directories)") from None
+        raise SweepError(
+            f"{p} is unreadable ({type(e).__name__}: {str(e)[:80]}); restore it from a backup, or "
+            "start a new sweep (finished runs keep their run directories)"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("runs"), list):
         raise SweepError(f"{p} is not a sweep state (no 'runs' list); restore it or start a new sweep")
     return state
@@ -228,8 +242,18 @@ def start_local(spec_path: str | Path, sweep_dir: str | Path | None = None, over
         raise SweepError(f"{d} already holds a sweep; continue it with: km sweep agent {d}")
     d.mkdir(parents=True, exist_ok=True)
     (d / SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
-    write_state(d, {"version": 1, "name": d.name, "spec": SPEC, "created": _now(),
-                    "overrides": list(overrides or []), "exhausted": False, "runs": []})
+    write_state(
+        d,
+        {
+            "version": 1,
+            "name": d.name,
+            "spec": SPEC,
+            "created": _now(),
+            "overrides": list(overrides or []),
+            "exhausted": False,
+            "runs": [],
+        },
+    )
     return d
 
 
@@ -271,9 +295,13 @@ def _sweep_run(rec: dict[str, Any], spec: dict[str, Any], as_running: bool = Fal
     summary = {name: rec["metric"]} if name and rec.get("metric") is not None else {}
     hist_key = _history_key(spec)
     history = [{hist_key: v} for v in rec.get("history") or []] if hist_key else []
-    return sweeps.SweepRun(name=rec["name"], state=sweeps.RunState(state),
-                           config={k: {"value": v} for k, v in rec["config"].items()},
-                           summary_metrics=summary, history=history)
+    return sweeps.SweepRun(
+        name=rec["name"],
+        state=sweeps.RunState(state),
+        config={k: {"value": v} for k, v in rec["config"].items()},
+        summary_metrics=summary,
+        history=history,
+    )
 
 
 def suggest(spec: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -301,8 +329,11 @@ def should_stop(spec: dict[str, Any], records: list[dict[str, Any]], current: st
     if not spec.get("early_terminate"):
         return False
     sweeps = _import_sweeps()
-    runs = [_sweep_run(r, spec, as_running=(r["name"] == current)) for r in records
-            if r["status"] in TERMINAL or r["name"] == current]
+    runs = [
+        _sweep_run(r, spec, as_running=(r["name"] == current))
+        for r in records
+        if r["status"] in TERMINAL or r["name"] == current
+    ]
     # the engine reads histories under metric.name: give it the per-epoch key (val/ for a test/ metric)
     et_spec = {**spec, "metric": {**(spec.get("metric") or {}), "name": _history_key(spec)}}
     try:
@@ -349,9 +380,20 @@ def claim_next(sweep_dir: Path, spec: dict[str, Any]) -> tuple[dict[str, Any] | 
                 state["exhausted"] = True
                 write_state(sweep_dir, state)
                 return None, "the grid is exhausted"
-            rec = {"name": f"r{len(state['runs']) + 1:03d}", "config": config, "status": "running",
-                   "metric": None, "history": [], "error": None, "exit_code": None, "run_dir": None,
-                   "attempts": 0, "agent": me, "started": None, "ended": None}
+            rec = {
+                "name": f"r{len(state['runs']) + 1:03d}",
+                "config": config,
+                "status": "running",
+                "metric": None,
+                "history": [],
+                "error": None,
+                "exit_code": None,
+                "run_dir": None,
+                "attempts": 0,
+                "agent": me,
+                "started": None,
+                "ended": None,
+            }
             state["runs"].append(rec)
         rec.update(agent=me, attempts=rec.get("attempts", 0) + 1, started=_now(), ended=None, status="running")
         write_state(sweep_dir, state)
@@ -402,11 +444,10 @@ def _spec_command_overrides(spec: dict[str, Any]) -> list[str]:
     cmd = [str(c) for c in spec.get("command") or []]
     if "train" not in cmd:
         return []
-    return [c for c in cmd[cmd.index("train") + 1:] if "=" in c and not c.startswith("${")]
+    return [c for c in cmd[cmd.index("train") + 1 :] if "=" in c and not c.startswith("${")]
 
 
-def build_command(spec: dict[str, Any], state: dict[str, Any], rec: dict[str, Any],
-                  extra: list[str]) -> list[str]:
+def build_command(spec: dict[str, Any], state: dict[str, Any], rec: dict[str, Any], extra: list[str]) -> list[str]:
     swept = set(rec["config"])
     fixed: dict[str, str] = {}  # a key given twice: the later one wins
     for o in [*_spec_command_overrides(spec), *state.get("overrides", []), *extra]:
@@ -414,8 +455,17 @@ def build_command(spec: dict[str, Any], state: dict[str, Any], rec: dict[str, An
             fixed.pop(_key(o), None)
             fixed[_key(o)] = o
     params = [f"{k}={_fmt(v)}" for k, v in rec["config"].items()]
-    return [sys.executable, "-m", "km.cli", "train", *params, *fixed.values(),
-            f"name={state['name']}", f"run_id={rec['name']}", "resume=auto"]
+    return [
+        sys.executable,
+        "-m",
+        "km.cli",
+        "train",
+        *params,
+        *fixed.values(),
+        f"name={state['name']}",
+        f"run_id={rec['name']}",
+        "resume=auto",
+    ]
 
 
 def _run_dir(cmd: list[str], sweep_name: str, run_name: str) -> Path:
@@ -485,8 +535,17 @@ def execute(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], extra: l
     again = f" (attempt {rec['attempts']}, resume=auto)" if rec.get("attempts", 1) > 1 else ""
     print(f"[sweep] {rec['name']} start{again}: {shown}  (log: {logs}/{rec['name']}.out/.err)", flush=True)
     if wait_for_trainer(run_dir, rec["name"]) and _finished(run_dir):  # the orphan finished the run itself
-        return _record_outcome(sweep_dir, spec, rec, run_dir, 0, err_p, err_offset, stopped=False,
-                               note="finished by the trainer of an earlier agent")
+        return _record_outcome(
+            sweep_dir,
+            spec,
+            rec,
+            run_dir,
+            0,
+            err_p,
+            err_offset,
+            stopped=False,
+            note="finished by the trainer of an earlier agent",
+        )
     hist_key = _history_key(spec)
     stopped = False
     with open(out_p, "ab") as out, open(err_p, "ab") as err:
@@ -524,8 +583,9 @@ def wait_for_trainer(run_dir: Path, name: str, poll: float = 2.0) -> bool:
     holder = lock_holder(run_dir)
     if holder is None:
         return False
-    print(f"[sweep] {name}: waiting for the trainer still running it (pid {holder}, left by an earlier agent)",
-          flush=True)
+    print(
+        f"[sweep] {name}: waiting for the trainer still running it (pid {holder}, left by an earlier agent)", flush=True
+    )
     while lock_holder(run_dir) is not None:
         time.sleep(poll)
     return True
@@ -537,8 +597,17 @@ def _finished(run_dir: Path) -> bool:
     return read_meta(run_dir).get("status") == "finished" and (run_dir / "eval.json").exists()
 
 
-def _record_outcome(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], run_dir: Path, code: int,
-                    err_p: Path, err_offset: int, stopped: bool, note: str | None = None) -> dict[str, Any]:
+def _record_outcome(
+    sweep_dir: Path,
+    spec: dict[str, Any],
+    rec: dict[str, Any],
+    run_dir: Path,
+    code: int,
+    err_p: Path,
+    err_offset: int,
+    stopped: bool,
+    note: str | None = None,
+) -> dict[str, Any]:
     hist_key = _history_key(spec)
     history = read_history(run_dir, hist_key)
     metric = read_metric(run_dir, spec)
@@ -551,12 +620,23 @@ def _record_outcome(sweep_dir: Path, spec: dict[str, Any], rec: dict[str, Any], 
         status, error = "finished", None
     else:
         status, error = "failed", _last_line(err_p, err_offset) or f"exit code {code}"
-    fields = {"status": status, "exit_code": code, "metric": metric, "history": history, "error": error, "ended": _now()}
+    fields = {
+        "status": status,
+        "exit_code": code,
+        "metric": metric,
+        "history": history,
+        "error": error,
+        "ended": _now(),
+    }
     update_run(sweep_dir, rec["name"], **fields)
     mname = _metric_of(spec)[0] or "metric"
     tail = f"{mname} {metric:.4f}" if metric is not None else ""
-    print(f"[sweep] {rec['name']} {status} (exit {code}) {tail}" + (f" error: {error}" if error else "")
-          + (f" ({note})" if note else ""), flush=True)
+    print(
+        f"[sweep] {rec['name']} {status} (exit {code}) {tail}"
+        + (f" error: {error}" if error else "")
+        + (f" ({note})" if note else ""),
+        flush=True,
+    )
     return {**rec, **fields}
 
 
@@ -607,12 +687,16 @@ def status_table(sweep_dir: Path) -> str:
         note = ("* best" if r["name"] == best else "") + (f" {err[:70]}{'...' if len(err) > 70 else ''}" if err else "")
         rows.append((r["name"], cfg, r["status"], m, note.strip()))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"sweep {state['name']} ({spec.get('method')}, {goal} {name}): {len(runs)} run(s)"
-             + (", grid exhausted" if state.get("exhausted") else "")]
+    lines = [
+        f"sweep {state['name']} ({spec.get('method')}, {goal} {name}): {len(runs)} run(s)"
+        + (", grid exhausted" if state.get("exhausted") else "")
+    ]
     if fixed:
         lines.append("same in every run: " + " ".join(f"{k}={v}" for k, v in fixed.items()))
     for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + (f"  {row[4]}" if row[4] else ""))
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + (f"  {row[4]}" if row[4] else "")
+        )
     return "\n".join(lines)
 
 
@@ -621,9 +705,11 @@ def status_table(sweep_dir: Path) -> str:
 
 def _need_credentials(what: str) -> None:
     if not wandb_env.online_possible():
-        raise SweepError(f"{what} needs W&B credentials (WANDB_API_KEY or `wandb login`; WANDB_MODE must not be "
-                         "offline); without them use the local engine: km sweep start SPEC.yaml --local, "
-                         "then km sweep agent <dir>")
+        raise SweepError(
+            f"{what} needs W&B credentials (WANDB_API_KEY or `wandb login`; WANDB_MODE must not be "
+            "offline); without them use the local engine: km sweep start SPEC.yaml --local, "
+            "then km sweep agent <dir>"
+        )
 
 
 def start_online(spec_path: str, project: str | None, entity: str | None) -> str:
@@ -631,8 +717,9 @@ def start_online(spec_path: str, project: str | None, entity: str | None) -> str
     _need_credentials("km sweep start")
     import wandb
 
-    sweep_id = wandb.sweep(spec, project=project or spec.get("project") or "kanerva-lab",
-                           entity=entity or spec.get("entity"))
+    sweep_id = wandb.sweep(
+        spec, project=project or spec.get("project") or "kanerva-lab", entity=entity or spec.get("entity")
+    )
     return str(sweep_id)
 
 

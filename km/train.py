@@ -69,8 +69,15 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     def make(m: str) -> WandbLogger:
         os.environ["WANDB_MODE"] = m
         run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{cfg.run_id}", id=wandb_id,
-            dir=str(run_dir), mode=m, resume="allow", tags=list(cfg.logger.tags), config=to_dict(cfg),
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            name=f"{cfg.name}/{cfg.run_id}",
+            id=wandb_id,
+            dir=str(run_dir),
+            mode=m,
+            resume="allow",
+            tags=list(cfg.logger.tags),
+            config=to_dict(cfg),
             settings=wandb.Settings(console="off", init_timeout=60, silent=True),
         )
         return WandbLogger(experiment=run, save_dir=str(run_dir))
@@ -96,10 +103,29 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
 # The keys a resumed run may change: budgets, logging, evaluation, the learning rate and clipping (the advice
 # printed when a run diverges), where the data live and which devices train. Anything else would continue the
 # run as a different experiment under its old name: refused in one line before anything is written.
-RESUMABLE = ("trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val", "trainer.log_every_n_steps",
-             "trainer.progress_bar", "trainer.progress_interval", "trainer.num_threads", "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
-             "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "logger.", "eval.",
-             "model.lr", "test_after_fit", "runs_dir", "data.data_dir", "data.test_episodes", "data.eval_episodes")
+RESUMABLE = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.gradient_clip_val",
+    "trainer.log_every_n_steps",
+    "trainer.progress_bar",
+    "trainer.progress_interval",
+    "trainer.num_threads",
+    "trainer.limit_val_batches",
+    "trainer.num_sanity_val_steps",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.num_nodes",
+    "logger.",
+    "eval.",
+    "model.lr",
+    "test_after_fit",
+    "runs_dir",
+    "data.data_dir",
+    "data.test_episodes",
+    "data.eval_episodes",
+)
 
 
 def _resumable(key: str) -> bool:
@@ -121,16 +147,26 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         try:
             saved_cfg = typed(OmegaConf.load(saved))
         except Exception as e:  # noqa: BLE001 - a damaged or foreign config.yaml: one line
-            raise RunError(f"cannot resume {run_dir}: its config.yaml does not load ({str(e).splitlines()[0][:150]})") from None
+            raise RunError(
+                f"cannot resume {run_dir}: its config.yaml does not load ({str(e).splitlines()[0][:150]})"
+            ) from None
         keep = [o for o in (overrides or []) if split_override(o)[0] not in ("resume", "run_id", "name")]
         cfg = apply_overrides(saved_cfg, keep, read_meta(run_dir).get("choices"))
-        changed = sorted({k for k, _ in map(split_override, keep) if "." in k or k in ("seed", "init_from")
-                          if not _resumable(k) and OmegaConf.select(cfg, k) != OmegaConf.select(saved_cfg, k)})
+        changed = sorted(
+            {
+                k
+                for k, _ in map(split_override, keep)
+                if "." in k or k in ("seed", "init_from")
+                if not _resumable(k) and OmegaConf.select(cfg, k) != OmegaConf.select(saved_cfg, k)
+            }
+        )
         if changed:
             k = changed[0]
-            raise ConfigError(f"resume: {k} cannot change when a run continues (saved {OmegaConf.select(saved_cfg, k)}, "
-                              f"given {OmegaConf.select(cfg, k)}); start a new run for that. A resumed run may change: "
-                              + ", ".join(r.rstrip(".") + ("*" if r.endswith(".") else "") for r in RESUMABLE))
+            raise ConfigError(
+                f"resume: {k} cannot change when a run continues (saved {OmegaConf.select(saved_cfg, k)}, "
+                f"given {OmegaConf.select(cfg, k)}); start a new run for that. A resumed run may change: "
+                + ", ".join(r.rstrip(".") + ("*" if r.endswith(".") else "") for r in RESUMABLE)
+            )
         cfg.resume = None
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
@@ -142,8 +178,10 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
         elif os.environ.get("KM_RUN_ID"):
             cfg.run_id = os.environ["KM_RUN_ID"]
         else:
-            raise ConfigError("this process is a distributed worker (rank set by SLURM or torchrun) started without "
-                              "run_id: give every rank the same run_id=... so they share one run directory")
+            raise ConfigError(
+                "this process is a distributed worker (rank set by SLURM or torchrun) started without "
+                "run_id: give every rank the same run_id=... so they share one run directory"
+            )
     os.environ["KM_RUN_ID"] = cfg.run_id
     run_dir = runs_dir / cfg.name / cfg.run_id
     if last_checkpoint(run_dir) and is_rank_zero():
@@ -170,8 +208,10 @@ def check_memory_budget(cfg: DictConfig, image_shape: tuple[int, int, int]) -> N
     need = 4 * B * T * (maps * 6 * 2 * 2) + 4 * 8 * B * T * T
     avail = _available_memory()
     if avail and need > 0.9 * avail:
-        raise RunError(f"data.batch_size={B} x data.episode_length={T} = {B * T} images per step needs about "
-                       f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available here; lower them")
+        raise RunError(
+            f"data.batch_size={B} x data.episode_length={T} = {B * T} images per step needs about "
+            f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available here; lower them"
+        )
 
 
 def _available_memory() -> int | None:
@@ -213,8 +253,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         try:
             model.load_state_dict(state["state_dict"])
         except RuntimeError as e:
-            raise RunError(f"cannot resume from {ckpt}: its weights do not fit this config "
-                           f"({str(e).strip().splitlines()[-1][:150]})") from None
+            raise RunError(
+                f"cannot resume from {ckpt}: its weights do not fit this config "
+                f"({str(e).strip().splitlines()[-1][:150]})"
+            ) from None
     if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
         return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
     with RunLock(run_dir):
@@ -225,8 +267,16 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
             raise
 
 
-def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Path | None, start_epoch: int,
-           dm: pl.LightningDataModule, model: EpisodeModel, source: Path | None) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig,
+    overrides: list[str] | None,
+    run_dir: Path,
+    ckpt: Path | None,
+    start_epoch: int,
+    dm: pl.LightningDataModule,
+    model: EpisodeModel,
+    source: Path | None,
+) -> dict[str, Any]:
     rank_zero = is_rank_zero()
     if rank_zero:
         gone = sweep_temp_files(run_dir)
@@ -235,8 +285,17 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
         if ckpt is None:  # a fresh start (a kill before the first checkpoint included): no rows of an earlier try
             truncate_metrics(run_dir, -1)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        meta = write_meta(run_dir, status="running", error=None, name=cfg.name, run_id=cfg.run_id,
-                          model=cfg.model.name, data=cfg.data.name, seed=cfg.seed, pid=os.getpid())
+        meta = write_meta(
+            run_dir,
+            status="running",
+            error=None,
+            name=cfg.name,
+            run_id=cfg.run_id,
+            model=cfg.model.name,
+            data=cfg.data.name,
+            seed=cfg.seed,
+            pid=os.getpid(),
+        )
         if ckpt is None:
             meta = write_meta(run_dir, choices=group_choices(overrides or []))
         if source is not None:
@@ -250,8 +309,10 @@ def _train(cfg: DictConfig, overrides: list[str] | None, run_dir: Path, ckpt: Pa
     if ckpt is not None:
         if rank_zero:
             truncate_metrics(run_dir, start_epoch - 1)
-        print(f"resuming {run_dir} from {ckpt.name}: epoch {start_epoch + 1} of {cfg.trainer.max_epochs} next",
-              file=sys.stderr)
+        print(
+            f"resuming {run_dir} from {ckpt.name}: epoch {start_epoch + 1} of {cfg.trainer.max_epochs} next",
+            file=sys.stderr,
+        )
 
     trainer, grid = make_trainer(cfg, run_dir, wandb_id, steps_per_epoch=len(dm.episodes("train")))
     t_fit = time.time()
@@ -307,12 +368,15 @@ def _finish_wandb(trainer: pl.Trainer, failed: bool = False) -> None:
             offline = run.settings.mode in ("offline", "dryrun")
             run.finish(exit_code=1 if failed else 0)
             if offline:
-                print(f"W&B offline run saved; upload later with: wandb sync {run.dir.rsplit('/files', 1)[0]}",
-                      file=sys.stderr)
+                print(
+                    f"W&B offline run saved; upload later with: wandb sync {run.dir.rsplit('/files', 1)[0]}",
+                    file=sys.stderr,
+                )
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str,
-                 steps_per_epoch: int | None = None) -> tuple[pl.Trainer, SampleGrid]:
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, wandb_id: str, steps_per_epoch: int | None = None
+) -> tuple[pl.Trainer, SampleGrid]:
     """The Lightning trainer of a run. `steps_per_epoch` caps the logging interval, so a short epoch logs its
     training loss too (and Lightning has nothing to warn about)."""
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -324,15 +388,26 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str,
     callbacks: list[pl.Callback] = [
         # the best epochs by the protocol's validation quantity (checkpoint.protocol / monitor)
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-            monitor=OmegaConf.to_object(cfg.checkpoint).monitored(), mode="min", save_top_k=cfg.checkpoint.save_top_k,
-            every_n_epochs=cfg.checkpoint.every_n_epochs, save_last=False,
+            dirpath=ckpt_dir,
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=OmegaConf.to_object(cfg.checkpoint).monitored(),
+            mode="min",
+            save_top_k=cfg.checkpoint.save_top_k,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            save_last=False,
         ),
         # last.ckpt: the true last state at every epoch end, whatever validation does (save_last=True on the
         # callback above writes it only when a top-k file is written, so a plateaued run's last.ckpt would stay
         # at its best epoch); no version counter, so a copied or moved run overwrites its own last.ckpt
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                        enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        ),
         EpochSeed(cfg.seed),
         grid,
     ]
@@ -342,12 +417,24 @@ def make_trainer(cfg: DictConfig, run_dir: Path, wandb_id: str,
     else:
         callbacks += [EpochSummary(), ProgressLines(t.progress_interval)]
     trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-        precision=str(t.precision), max_epochs=t.max_epochs, max_steps=t.max_steps,
-        gradient_clip_val=t.gradient_clip_val, limit_val_batches=t.limit_val_batches,
-        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=log_every,
-        deterministic=t.deterministic, callbacks=callbacks, logger=make_loggers(cfg, run_dir, wandb_id),
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=(bar == "rich"), enable_model_summary=False,
-        default_root_dir=str(run_dir), use_distributed_sampler=False,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=str(t.precision),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=log_every,
+        deterministic=t.deterministic,
+        callbacks=callbacks,
+        logger=make_loggers(cfg, run_dir, wandb_id),
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=(bar == "rich"),
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
     )
     return trainer, grid

@@ -24,12 +24,26 @@ needs_data = pytest.mark.skipif(DATA_DIR is None, reason="real data not found: s
 def tiny(tmp_path: Path, *extra: str, model: str = "vae", data: str = "mnist") -> list[str]:
     """Overrides for a run that takes a few seconds on 2 CPU cores."""
     return [
-        f"model={model}", f"data={data}", "logger=csv", f"runs_dir={tmp_path / 'runs'}",
-        f"data.data_dir={DATA_DIR}", "data.episode_length=8", "data.batch_size=4",
-        "data.train_episodes_per_epoch=32", "data.val_episodes=16", "data.test_episodes=16",
-        "net.channels=[8,16,16]", "net.embed_dim=32", "model.code_dim=16",
-        "trainer.max_epochs=2", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=2",
-        "trainer.progress_bar=none", "eval.is_samples=4", "seed=3", *extra,
+        f"model={model}",
+        f"data={data}",
+        "logger=csv",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"data.data_dir={DATA_DIR}",
+        "data.episode_length=8",
+        "data.batch_size=4",
+        "data.train_episodes_per_epoch=32",
+        "data.val_episodes=16",
+        "data.test_episodes=16",
+        "net.channels=[8,16,16]",
+        "net.embed_dim=32",
+        "model.code_dim=16",
+        "trainer.max_epochs=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=2",
+        "trainer.progress_bar=none",
+        "eval.is_samples=4",
+        "seed=3",
+        *extra,
     ]
 
 
@@ -44,10 +58,20 @@ def train_in_parallel(jobs: dict[str, list[str]], at_once: int = 2) -> None:
     each run is then deterministic whatever the machine's core count, and 2 cores run two at once."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     names = list(jobs)
-    for group in (names[i:i + at_once] for i in range(0, len(names), at_once)):
-        procs = [(n, subprocess.Popen([sys.executable, "-m", "km.cli", "train", *jobs[n], "trainer.num_threads=1"],
-                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-                 for n in group]
+    for group in (names[i : i + at_once] for i in range(0, len(names), at_once)):
+        procs = [
+            (
+                n,
+                subprocess.Popen(
+                    [sys.executable, "-m", "km.cli", "train", *jobs[n], "trainer.num_threads=1"],
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                ),
+            )
+            for n in group
+        ]
         for n, proc in procs:
             out = proc.communicate()[0]
             assert proc.returncode == 0, f"training {n} failed:\n{out[-3000:]}"

@@ -27,8 +27,11 @@ def test_overrides_are_applied_and_typed() -> None:
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model.lrr=1", "unknown config key 'model.lrr'; valid keys under 'model': code_dim, kl_weights, lr, name, "
-                        "optimizer, weight_decay"),
+        (
+            "model.lrr=1",
+            "unknown config key 'model.lrr'; valid keys under 'model': code_dim, kl_weights, lr, name, "
+            "optimizer, weight_decay",
+        ),
         ("trainer.max_epoch=3", "valid keys under 'trainer': accelerator"),
         ("seeed=3", "unknown config key 'seeed'; valid keys at top level:"),
         ("model=vaee", "unknown model 'vaee'; valid options: "),
@@ -39,18 +42,32 @@ def test_overrides_are_applied_and_typed() -> None:
         ("model.lr=-1", "bad value for 'model.lr': -1.0 (must be > 0)"),
         ("eval.heldout_targets=0", "bad value for 'eval.heldout_targets': 0 (must be in [1, T - 1] = [1, 31]"),
         ("eval.heldout_targets=32", "bad value for 'eval.heldout_targets': 32 (must be in [1, T - 1] = [1, 31]"),
-        ("checkpoint.protocol=jointt", "bad value for 'checkpoint.protocol': Invalid value 'jointt', expected one of "
-                                       "[joint, memory_conditional, heldout]"),
-        ("model.optimizer=sgd", "bad value for 'model.optimizer': Invalid value 'sgd', expected one of [adam, rmsprop]"),
+        (
+            "checkpoint.protocol=jointt",
+            "bad value for 'checkpoint.protocol': Invalid value 'jointt', expected one of "
+            "[joint, memory_conditional, heldout]",
+        ),
+        (
+            "model.optimizer=sgd",
+            "bad value for 'model.optimizer': Invalid value 'sgd', expected one of [adam, rmsprop]",
+        ),
         ("model.kl_weights.memory=-0.5", "bad value for 'model.kl_weights.memory': -0.5 (must be >= 0)"),
         ("model.kl_weights.addressing=-1", "bad value for 'model.kl_weights.addressing': -1.0 (must be >= 0)"),
         ("model.kl_weights.warmup_steps=-3", "bad value for 'model.kl_weights.warmup_steps': -3 (must be >= 0)"),
-        ("model.kl_weights.memoryy=0", "unknown config key 'model.kl_weights.memoryy'; valid keys under "
-                                       "'model.kl_weights': addressing, memory, warmup_steps, z"),
-        ("model=km model.memory_dtype=float16", "bad value for 'model.memory_dtype': Invalid value 'float16', "
-                                                "expected one of [float32, float64]"),
-        ("trainer.precision=bf16", "bad value for 'trainer.precision': Invalid value 'bf16', expected one of "
-                                   "[32-true, 64-true, bf16-mixed, 16-mixed, bf16-true, 16-true]"),
+        (
+            "model.kl_weights.memoryy=0",
+            "unknown config key 'model.kl_weights.memoryy'; valid keys under "
+            "'model.kl_weights': addressing, memory, warmup_steps, z",
+        ),
+        (
+            "model=km model.memory_dtype=float16",
+            "bad value for 'model.memory_dtype': Invalid value 'float16', expected one of [float32, float64]",
+        ),
+        (
+            "trainer.precision=bf16",
+            "bad value for 'trainer.precision': Invalid value 'bf16', expected one of "
+            "[32-true, 64-true, bf16-mixed, 16-mixed, bf16-true, 16-true]",
+        ),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture) -> None:
@@ -107,15 +124,23 @@ def test_paper_and_cpu_experiment_configs_compose_with_their_papers_objectives(n
         assert cfg.trainer.accelerator == "gpu"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["eval", "RUN", "--is-samples", "-1"], "error: --is-samples -1: the number of importance samples must be >= 0"),
-    (["sample", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
-    (["denoise", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
-    (["denoise", "RUN", "--iters", "-1"], "error: --iters -1: the number of iterations must be >= 1"),
-    (["sample", "RUN", "--iters", "0"], "error: --iters 0: the number of iterations must be >= 1"),
-    (["denoise", "RUN", "--noise", "5"], "error: --noise 5.0: a pixel flip probability (binary data) or noise std "
-                                         "must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["eval", "RUN", "--is-samples", "-1"],
+            "error: --is-samples -1: the number of importance samples must be >= 0",
+        ),
+        (["sample", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
+        (["denoise", "RUN", "--episodes", "0"], "error: --episodes 0: the number of test episodes must be >= 1"),
+        (["denoise", "RUN", "--iters", "-1"], "error: --iters -1: the number of iterations must be >= 1"),
+        (["sample", "RUN", "--iters", "0"], "error: --iters 0: the number of iterations must be >= 1"),
+        (
+            ["denoise", "RUN", "--noise", "5"],
+            "error: --noise 5.0: a pixel flip probability (binary data) or noise std must be in [0, 1]",
+        ),
+    ],
+)
 def test_bad_command_options_are_one_line_exit_2(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)  # checked before the (nonexistent) run is looked at
@@ -131,12 +156,21 @@ def test_commands_that_do_not_train_import_neither_torch_nor_lightning(tmp_path:
 
     root = Path(__file__).resolve().parents[1]
     spec, sw = root / "sweeps" / "compare_baselines.yaml", tmp_path / "sw"
-    runs = [["--help"], ["config", "model=km"], ["config", "model=dkm", "model.solver=official"],
-            ["data", "check", "mnist"], ["sweep", "start", str(spec), "--local", "--dir", str(sw)],
-            ["sweep", "status", str(sw)], ["compare", str(tmp_path / "none")], ["train", "model.lrr=1"]]
-    probe = (f"import sys\nfrom km.cli import main\nfor argv in {runs!r}:\n    try:\n        main(argv)\n"
-             "    except SystemExit:\n        pass\nheavy = {'torch', 'pytorch_lightning', 'lightning_fabric'} & set(sys.modules)\n"
-             "print('IMPORTED', sorted(heavy), file=sys.stderr)")
+    runs = [
+        ["--help"],
+        ["config", "model=km"],
+        ["config", "model=dkm", "model.solver=official"],
+        ["data", "check", "mnist"],
+        ["sweep", "start", str(spec), "--local", "--dir", str(sw)],
+        ["sweep", "status", str(sw)],
+        ["compare", str(tmp_path / "none")],
+        ["train", "model.lrr=1"],
+    ]
+    probe = (
+        f"import sys\nfrom km.cli import main\nfor argv in {runs!r}:\n    try:\n        main(argv)\n"
+        "    except SystemExit:\n        pass\nheavy = {'torch', 'pytorch_lightning', 'lightning_fabric'} & set(sys.modules)\n"
+        "print('IMPORTED', sorted(heavy), file=sys.stderr)"
+    )
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=300)
     assert p.stderr.strip().splitlines()[-1] == "IMPORTED []", p.stderr[-2000:]
     assert "model:" in p.stdout and (sw / "state.json").exists()

@@ -25,9 +25,22 @@ def test_ddp_two_processes_matches_single_process(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("KM_RUN_ID", None)
     p = subprocess.run(
-        [sys.executable, "-m", "km.cli", "train", *common, "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", "data.batch_size=4", "run_id=ddp"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "km.cli",
+            "train",
+            *common,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "data.batch_size=4",
+            "run_id=ddp",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     ddp = tmp_path / "runs" / "default" / "ddp"

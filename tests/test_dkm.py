@@ -27,7 +27,6 @@ def small_dkm(**kw) -> DynamicKanervaMachine:
     return DynamicKanervaMachine(DKMConfig(code_dim=6, memory_size=5, **kw), NET, SHAPE, "bernoulli")
 
 
-
 def test_bound_terms_match_references() -> None:
     dkm = small_dkm().double()
     x = episodes().double()
@@ -101,12 +100,24 @@ SEEDS = (1, 2, 3)  # the first three; seed 3 is also the run the single-model te
 
 
 def _overrides(tmp: Path, model: str, seed: int) -> list[str]:
-    return tiny(tmp, model=model) + [
-        "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
-        "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-        "trainer.max_epochs=12", "model.lr=2e-3", "eval.is_samples=2",
-        f"seed={seed}", f"run_id={model}_s{seed}",
-    ] + (["model.start_as_vae=false"] if model == "km" else [])  # KM's default layer inits: see below
+    return (
+        tiny(tmp, model=model)
+        + [
+            "net.channels=[8,16,32]",
+            "net.embed_dim=64",
+            "model.code_dim=32",
+            "model.memory_size=16",
+            "data.episode_length=16",
+            "data.train_episodes_per_epoch=256",
+            "data.batch_size=8",
+            "trainer.max_epochs=12",
+            "model.lr=2e-3",
+            "eval.is_samples=2",
+            f"seed={seed}",
+            f"run_id={model}_s{seed}",
+        ]
+        + (["model.start_as_vae=false"] if model == "km" else [])
+    )  # KM's default layer inits: see below
 
 
 @pytest.fixture(scope="module")
@@ -210,5 +221,6 @@ def test_energy_is_the_deterministic_negative_elbo_of_a_query() -> None:
     q = episodes(t=4, b=2).double().flip(1)
     mu_w = dkm.memory.address(mem.R, dkm.to_code(dkm.encode_images(q)))
     ref = -dkm.log_px(dkm.decode_codes(mu_w @ mem.R), q) + kl_divergence(
-        Normal(mu_w, dkm.memory.log_sigma_w.exp()), Normal(0.0, 1.0)).sum(-1)
+        Normal(mu_w, dkm.memory.log_sigma_w.exp()), Normal(0.0, 1.0)
+    ).sum(-1)
     torch.testing.assert_close(dkm.energy(q, mem), ref)

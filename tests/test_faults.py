@@ -25,8 +25,14 @@ from tests.conftest import DATA_DIR, needs_data, tiny
 
 pytestmark = needs_data
 
-FAST = ("trainer.max_epochs=1", "data.train_episodes_per_epoch=16", "data.val_episodes=8", "data.test_episodes=8",
-        "eval.is_samples=2", "test_after_fit=false")
+FAST = (
+    "trainer.max_epochs=1",
+    "data.train_episodes_per_epoch=16",
+    "data.val_episodes=8",
+    "data.test_episodes=8",
+    "eval.is_samples=2",
+    "test_after_fit=false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +50,12 @@ def _bad_invocations(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
     hostile = tmp / "hostile.ckpt"
     hostile.write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that would run a shell command
     specs = {}
-    for name, params in {"secret": {"logger.tags": {"value": "[${oc.env:WANDB_API_KEY}]"}},
-                         "plus": {"+foo": {"values": [1, 2]}}, "reserved": {"run_id": {"values": ["a"]}},
-                         "method": {"seed": {"values": [1]}}}.items():
+    for name, params in {
+        "secret": {"logger.tags": {"value": "[${oc.env:WANDB_API_KEY}]"}},
+        "plus": {"+foo": {"values": [1, 2]}},
+        "reserved": {"run_id": {"values": ["a"]}},
+        "method": {"seed": {"values": [1]}},
+    }.items():
         spec = {"method": "bogus" if name == "method" else "grid", "parameters": params}
         specs[name] = tmp / f"{name}.yaml"
         specs[name].write_text(yaml.safe_dump(spec))
@@ -163,8 +172,9 @@ def _bad_invocations(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_invocations_get_one_line_and_exit_2_and_leave_nothing_running(tmp_path: Path, run: Path, capsys,
-                                                                           monkeypatch) -> None:
+def test_bad_invocations_get_one_line_and_exit_2_and_leave_nothing_running(
+    tmp_path: Path, run: Path, capsys, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # a sweep directory that would be created lands here
     cases = _bad_invocations(tmp_path, run)
     assert len(cases) >= 60
@@ -184,7 +194,10 @@ def test_bad_invocations_get_one_line_and_exit_2_and_leave_nothing_running(tmp_p
     made = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("run.json")) if runs.exists() else []
     assert made == [], made
     assert not (tmp_path.parent / "outside").exists() and not list(tmp_path.rglob("sw_*-*"))
-    assert (run.joinpath("config.yaml").read_text(), run.joinpath("checkpoints", "last.ckpt").stat().st_mtime_ns) == before
+    assert (
+        run.joinpath("config.yaml").read_text(),
+        run.joinpath("checkpoints", "last.ckpt").stat().st_mtime_ns,
+    ) == before
     assert read_meta(run)["status"] == "finished"
 
 
@@ -225,7 +238,10 @@ def test_the_divergence_advice_works_when_followed(tmp_path: Path, monkeypatch, 
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     run_dir = tmp_path / "runs" / "default" / "nan"
-    assert "at epoch 2 (counting from 1)" in err and f"km train resume={run_dir} model.lr=0.0003 trainer.gradient_clip_val=5" in err
+    assert (
+        "at epoch 2 (counting from 1)" in err
+        and f"km train resume={run_dir} model.lr=0.0003 trainer.gradient_clip_val=5" in err
+    )
     advice = err.split("continue with: km ", 1)[1].split()
     main(advice)  # the printed command, as printed
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -244,8 +260,10 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_temp_files(tmp_path: Path, m
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"\0" * 4096)
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
 
     monkeypatch.setattr(km.callbacks.torch, "save", full_disk)
     with pytest.raises(SystemExit) as exc:
@@ -277,7 +295,9 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_without_duplicate_row
     assert read_metrics(run_dir) == read_metrics(straight)
 
 
-def test_resume_changes_only_what_may_change_and_writes_config_after_the_weights_load(run: Path, tmp_path: Path) -> None:
+def test_resume_changes_only_what_may_change_and_writes_config_after_the_weights_load(
+    run: Path, tmp_path: Path
+) -> None:
     import shutil
 
     copy = tmp_path / "copy"

@@ -29,7 +29,6 @@ def small_km(**kw) -> KanervaMachine:
     return KanervaMachine(cfg, NET, SHAPE, "bernoulli")
 
 
-
 def test_bound_terms_match_references_sampled_memory() -> None:
     km = small_km(sample_memory=True).double()
     x = episodes().double()
@@ -78,7 +77,9 @@ def test_exact_memory_expectation_equals_monte_carlo_over_M() -> None:
         q_n = Normal(mu_z.repeat(n, 1, 1), ls_z.exp().repeat(n, 1, 1))
         mc = kl_divergence(q_n, Normal(w.repeat(n, 1, 1) @ M, km.memory.log_sigma_xi.exp())).sum(-1).mean(1)
         mc = mc.view(n, -1)  # (n, B)
-    torch.testing.assert_close(out.parts["kl_z"].detach(), mc.mean(0), atol=4 * (mc.std(0) / n**0.5).max().item(), rtol=0)
+    torch.testing.assert_close(
+        out.parts["kl_z"].detach(), mc.mean(0), atol=4 * (mc.std(0) / n**0.5).max().item(), rtol=0
+    )
 
 
 def test_batched_and_online_write_give_the_same_bound() -> None:
@@ -154,9 +155,17 @@ def test_wrong_shapes_and_options_are_clear_errors() -> None:
 @needs_data
 def test_km_learns_on_real_mnist_and_its_denoise_and_sample_commands_run(tmp_path: Path, capsys) -> None:
     ov = tiny(tmp_path, model="km") + [
-        "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
-        "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-        "trainer.max_epochs=3", "model.lr=2e-3", "eval.is_samples=2", "run_id=km",
+        "net.channels=[8,16,32]",
+        "net.embed_dim=64",
+        "model.code_dim=32",
+        "model.memory_size=16",
+        "data.episode_length=16",
+        "data.train_episodes_per_epoch=256",
+        "data.batch_size=8",
+        "trainer.max_epochs=3",
+        "model.lr=2e-3",
+        "eval.is_samples=2",
+        "run_id=km",
     ]
     summary = train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "km"
@@ -191,23 +200,42 @@ def test_km_beats_the_vae_on_conditional_likelihood_from_the_same_warm_start(tmp
     episodes), scored on the same 128 one-digit test episodes. Seed 1 of the three measured, one thread
     per run (deterministic; about 2 minutes on 2 cores). Measured: VAE 112.38 / 111.13 / 112.12 and KM
     111.07 / 109.60 / 109.87 nats/image at seeds 1 / 2 / 3; the gap is smallest at seed 1."""
-    common = tiny(tmp_path, "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.lr=2e-3",
-                  "data.val_episodes=64", "eval.is_samples=0", "data.train_episodes_per_epoch=256",
-                  "trainer.max_epochs=8")
+    common = tiny(
+        tmp_path,
+        "net.channels=[8,16,32]",
+        "net.embed_dim=64",
+        "model.code_dim=32",
+        "model.lr=2e-3",
+        "data.val_episodes=64",
+        "eval.is_samples=0",
+        "data.train_episodes_per_epoch=256",
+        "trainer.max_epochs=8",
+    )
     pre = common + ["run_id=pre", "data.episode_length=16", "data.batch_size=8", "data.test_episodes=256"]
     train_in_parallel({"pre": pre})
-    cont = common + [f"init_from={tmp_path / 'runs' / 'default' / 'pre'}", "data.episode_length=32",
-                     "data.batch_size=4", "data.binarize=dynamic", "data.eval_episodes=class",
-                     "data.classes_per_episode=1", "data.test_episodes=128", "seed=1"]
+    cont = common + [
+        f"init_from={tmp_path / 'runs' / 'default' / 'pre'}",
+        "data.episode_length=32",
+        "data.batch_size=4",
+        "data.binarize=dynamic",
+        "data.eval_episodes=class",
+        "data.classes_per_episode=1",
+        "data.test_episodes=128",
+        "seed=1",
+    ]
     train_in_parallel({m: [*cont, f"model={m}", f"run_id={m}"] for m in ("vae", "km")})
 
     def metrics(m: str) -> dict[str, float]:
         return json.loads((tmp_path / "runs" / "default" / m / "eval.json").read_text())["metrics"]
 
     vae, km = metrics("vae"), metrics("km")
-    print(f"test -ELBO/T on one-digit episodes: VAE {vae['test/neg_elbo']:.2f}, KM {km['test/neg_elbo']:.2f}; "
-          f"KM parts { {k: round(v, 2) for k, v in km.items()} }")
+    print(
+        f"test -ELBO/T on one-digit episodes: VAE {vae['test/neg_elbo']:.2f}, KM {km['test/neg_elbo']:.2f}; "
+        f"KM parts { {k: round(v, 2) for k, v in km.items()} }"
+    )
     assert km["test/neg_elbo"] < vae["test/neg_elbo"], (km, vae)
     # the bound is every part in full, and KM's addresses carry information about x (q(y) has not collapsed)
-    assert km["test/neg_elbo"] == pytest.approx(sum(km[f"test/{k}"] for k in ("recon", "kl_y", "kl_z", "kl_M")), rel=1e-4)
+    assert km["test/neg_elbo"] == pytest.approx(
+        sum(km[f"test/{k}"] for k in ("recon", "kl_y", "kl_z", "kl_M")), rel=1e-4
+    )
     assert km["test/kl_y"] > 0.5 and km["test/kl_M"] > 0

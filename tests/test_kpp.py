@@ -32,7 +32,7 @@ def test_unit_scale_integer_window_equals_direct_crop(size: int, window: int) ->
     theta = torch.stack([offset_theta(ox, oy, window, size) for ox, oy in offsets]).to(DT)  # (T, 2, 3)
     win = read_windows(M, theta.expand(2, *theta.shape), window)  # (B, T, C_m, w, w)
     for t, (ox, oy) in enumerate(offsets):
-        torch.testing.assert_close(win[:, t], M[:, :, oy:oy + window, ox:ox + window])
+        torch.testing.assert_close(win[:, t], M[:, :, oy : oy + window, ox : ox + window])
 
 
 def test_key_to_theta_unit_scale_and_bounds() -> None:
@@ -40,7 +40,9 @@ def test_key_to_theta_unit_scale_and_bounds() -> None:
     torch.testing.assert_close(th, offset_theta(4, 4, 8, 16).to(DT))
     far = key_to_theta(torch.tensor([[[0.0, 50.0, -50.0]]], dtype=DT), 8, 16)[0, 0]  # translations saturate ...
     torch.testing.assert_close(far, offset_theta(8, 0, 8, 16).to(DT))  # ... at the memory's edge
-    assert key_to_theta(torch.tensor([[[0.5, 0, 0]]], dtype=DT), 8, 16)[0, 0, 0, 0].item() == pytest.approx(0.5 * 1.6487, rel=1e-4)
+    assert key_to_theta(torch.tensor([[[0.5, 0, 0]]], dtype=DT), 8, 16)[0, 0, 0, 0].item() == pytest.approx(
+        0.5 * 1.6487, rel=1e-4
+    )
 
 
 def test_gradcheck_window_read_through_the_keys() -> None:
@@ -67,7 +69,9 @@ def test_write_is_invariant_to_the_order_of_the_episode() -> None:
 
 def small_kpp(**kw) -> KanervaPlusPlus:
     torch.manual_seed(0)
-    cfg = KPPConfig(**{"code_dim": 6, "mem_channels": 2, "mem_size": 8, "window": 4, "read_steps": 2, "hidden": 16, **kw})
+    cfg = KPPConfig(
+        **{"code_dim": 6, "mem_channels": 2, "mem_size": 8, "window": 4, "read_steps": 2, "hidden": 16, **kw}
+    )
     return KanervaPlusPlus(cfg, NET, SHAPE, "bernoulli")
 
 
@@ -127,9 +131,16 @@ def test_kpp_learns_on_real_mnist_and_pictures(tmp_path: Path, capsys) -> None:
     from km.runs import epoch_metrics
 
     ov = tiny(tmp_path, model="kpp_cpu") + [
-        "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32",
-        "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-        "trainer.max_epochs=3", "model.lr=2e-3", "eval.is_samples=2", "run_id=kpp",
+        "net.channels=[8,16,32]",
+        "net.embed_dim=64",
+        "model.code_dim=32",
+        "data.episode_length=16",
+        "data.train_episodes_per_epoch=256",
+        "data.batch_size=8",
+        "trainer.max_epochs=3",
+        "model.lr=2e-3",
+        "eval.is_samples=2",
+        "run_id=kpp",
     ]
     train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "kpp"
@@ -148,11 +159,14 @@ def test_authors_sized_config_composes_and_trains_one_step(tmp_path: Path) -> No
     """configs/model/kpp.yaml (memory 8 x 128 x 128, window 32, 20 read steps, latent 256): one step on CPU."""
     from km.models import MODELS
 
-    cfg = compose_config(["model=kpp", "data=mnist", f"runs_dir={tmp_path}", "net.channels=[4,8,8]", "net.embed_dim=16"])
+    cfg = compose_config(
+        ["model=kpp", "data=mnist", f"runs_dir={tmp_path}", "net.channels=[4,8,8]", "net.embed_dim=16"]
+    )
     assert (cfg.model.mem_size, cfg.model.window, cfg.model.read_steps, cfg.model.code_dim) == (128, 32, 20, 256)
     cls, cfg_cls = MODELS["kpp"]
-    model = cls(cfg_cls(**{k: v for k, v in cfg.model.items()}), NetConfig(channels=[4, 8, 8], embed_dim=16),
-                SHAPE, "bernoulli")
+    model = cls(
+        cfg_cls(**{k: v for k, v in cfg.model.items()}), NetConfig(channels=[4, 8, 8], embed_dim=16), SHAPE, "bernoulli"
+    )
     loss = model.episode_elbo(episodes(b=1, t=3)).loss
     loss.backward()
     assert torch.isfinite(loss) and model.writer.up[-1].weight.grad.abs().sum() > 0

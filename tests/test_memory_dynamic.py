@@ -86,7 +86,8 @@ def test_gradcheck_solver(solver: str) -> None:
     M, z = problem(4, k=3, c=4)
     lam = torch.tensor(0.5, dtype=DT)
     assert torch.autograd.gradcheck(
-        lambda M, z, lam: solve_addresses(M, z, lam, solver), (M.requires_grad_(), z.requires_grad_(), lam.requires_grad_())
+        lambda M, z, lam: solve_addresses(M, z, lam, solver),
+        (M.requires_grad_(), z.requires_grad_(), lam.requires_grad_()),
     )
 
 

@@ -101,8 +101,9 @@ def test_write_with_kl_equals_dense_kl(form: str, t: int, per_item: bool, isotro
         state = MemoryState(state.R, u0[:, None, None] * torch.eye(K, dtype=DT))
     post, kl = write_with_kl(state, w, z, _noise(per_item, t), u_diag_clip=None, form=form, u0=u0)
     assert kl.shape == (B,)
-    torch.testing.assert_close(post.U, write_batched(state, w, z, _noise(per_item, t), None, "predictive").U,
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        post.U, write_batched(state, w, z, _noise(per_item, t), None, "predictive").U, atol=1e-10, rtol=0
+    )
     for b in range(B):
         torch.testing.assert_close(kl[b], dense_kl(post, state, b), atol=1e-10, rtol=1e-10)
 
@@ -151,8 +152,7 @@ def test_float32_write_and_kl_match_float64(form: str) -> None:
     u0 = torch.full((b,), 1.5, dtype=DT)
     state = MemoryState(R, 1.5 * torch.eye(k, dtype=DT).expand(b, k, k))
     ref, kl_ref = write_with_kl(state, w, z, 0.5, None, form, u0)
-    post, kl = write_with_kl(MemoryState(R.float(), state.U.float()), w.float(), z.float(), 0.5, None, form,
-                             u0.float())
+    post, kl = write_with_kl(MemoryState(R.float(), state.U.float()), w.float(), z.float(), 0.5, None, form, u0.float())
     torch.testing.assert_close(post.U.double(), ref.U, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(post.R.double(), ref.R, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kl.double(), kl_ref, atol=1e-4, rtol=1e-5)
@@ -324,6 +324,7 @@ def test_gradcheck_write_with_kl(form: str, isotropic: bool) -> None:
 
         assert torch.autograd.gradcheck(fn, (R, log_u, w, z))
     else:
+
         def fn(R, A, w, z):
             (R_new, U_new), kl = write_with_kl(MemoryState(R, _spd(A)), w, z, 0.5, form=form)
             return R_new, U_new, kl
@@ -452,8 +453,9 @@ def test_step_kl_finite_and_accurate_in_float32(sigma_xi2: float) -> None:
     w = torch.nn.functional.normalize(torch.randn(b, t, k, generator=gen, dtype=DT), dim=-1)
     z = torch.randn(b, t, c, generator=gen, dtype=DT)
     _, ref = write_online(state, w, z, sigma_xi2, u_diag_clip=None)
-    _, kl32 = write_online(MemoryState(state.R.float(), state.U.float()), w.float(), z.float(), sigma_xi2,
-                           u_diag_clip=None)
+    _, kl32 = write_online(
+        MemoryState(state.R.float(), state.U.float()), w.float(), z.float(), sigma_xi2, u_diag_clip=None
+    )
     assert torch.isfinite(kl32).all()
     torch.testing.assert_close(kl32[:, 0].double(), ref[:, 0], rtol=1e-5, atol=0)  # first step: U = I exactly
     assert torch.isfinite(ref).all()

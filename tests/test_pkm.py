@@ -27,7 +27,9 @@ NET = NetConfig(channels=[4, 8, 8], embed_dim=16)
 def problem(seed: int = 0, B: int = 2, P: int = 3, T: int = 4, K: int = 3, C: int = 2):
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(B, P, K, K, generator=gen, dtype=DT)
-    state = MemoryState(torch.randn(B, P, K, C, generator=gen, dtype=DT), A @ A.transpose(-1, -2) / K + 0.5 * torch.eye(K, dtype=DT))
+    state = MemoryState(
+        torch.randn(B, P, K, C, generator=gen, dtype=DT), A @ A.transpose(-1, -2) / K + 0.5 * torch.eye(K, dtype=DT)
+    )
     w = torch.randn(B, P, T, K, generator=gen, dtype=DT)
     z = torch.randn(B, T, C, generator=gen, dtype=DT)
     pi = torch.randn(B, T, P, generator=gen, dtype=DT).softmax(-1)
@@ -46,8 +48,13 @@ def test_weighted_write_equals_per_machine_updates_and_dense_tempered_conditioni
             one = MemoryState(state.R[b, p][None], state.U[b, p][None])
             R_ref, U_ref = one
             for t in range(w.shape[2]):  # ... as T single-item KM writes
-                R_ref, U_ref = write_batched(MemoryState(R_ref, U_ref), w[b, p, t][None, None], z[b, t][None, None],
-                                             s2 / pi[b, t, p].item(), u_diag_clip=None)
+                R_ref, U_ref = write_batched(
+                    MemoryState(R_ref, U_ref),
+                    w[b, p, t][None, None],
+                    z[b, t][None, None],
+                    s2 / pi[b, t, p].item(),
+                    u_diag_clip=None,
+                )
             torch.testing.assert_close(post.R[b, p], R_ref[0])
             torch.testing.assert_close(post.U[b, p], U_ref[0])
             # ... and dense Gaussian conditioning on vec(M_p) with noise covariance diag(s2 / pi_p) (x) I_C
@@ -99,19 +106,24 @@ def test_gradcheck_weighted_write_and_kl() -> None:
         st = MemoryState(R0, state.U)
         post = weighted_write(st, w, z, logits.softmax(-1), 0.7)
         from km.memory import kl_matrix_normal
+
         return kl_matrix_normal(post, st).sum(-1) + post.R.sum((-3, -2, -1))
 
     logits = torch.randn(2, 3, 2, dtype=DT)
-    assert torch.autograd.gradcheck(f, (state.R.requires_grad_(), w.requires_grad_(), z.requires_grad_(),
-                                        logits.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        f, (state.R.requires_grad_(), w.requires_grad_(), z.requires_grad_(), logits.requires_grad_())
+    )
     assert mem.kl(mem.prior(2)).abs().max() < 1e-9
 
 
 def _km_and_pkm_p1(**kw):
     torch.manual_seed(0)
-    km = KanervaMachine(KMConfig(code_dim=6, memory_size=5, y_dim=3, addr_dim=4, hidden=16, **kw), NET, SHAPE, "bernoulli")
-    pkm = ProductKanervaMachine(PKMConfig(code_dim=6, memory_size=5, y_dim=3, addr_dim=4, hidden=16, machines=1, **kw),
-                                NET, SHAPE, "bernoulli")
+    km = KanervaMachine(
+        KMConfig(code_dim=6, memory_size=5, y_dim=3, addr_dim=4, hidden=16, **kw), NET, SHAPE, "bernoulli"
+    )
+    pkm = ProductKanervaMachine(
+        PKMConfig(code_dim=6, memory_size=5, y_dim=3, addr_dim=4, hidden=16, machines=1, **kw), NET, SHAPE, "bernoulli"
+    )
     sd = km.state_dict()
     sd["memory.R0"] = sd["memory.R0"][None]  # (K, C) -> (P=1, K, C)
     sd["memory.s"] = sd["memory.s"][None]
@@ -140,8 +152,13 @@ def test_one_machine_is_exactly_the_kanerva_machine(kw) -> None:
 
 def test_importance_sampled_estimate_is_above_the_bound_and_shapes() -> None:
     torch.manual_seed(0)
-    pkm = ProductKanervaMachine(PKMConfig(code_dim=6, memory_size=6, machines=3, y_dim=3, addr_dim=4, hidden=16),
-                                NET, SHAPE, "bernoulli").double().eval()
+    pkm = (
+        ProductKanervaMachine(
+            PKMConfig(code_dim=6, memory_size=6, machines=3, y_dim=3, addr_dim=4, hidden=16), NET, SHAPE, "bernoulli"
+        )
+        .double()
+        .eval()
+    )
     x = torch.bernoulli(torch.full((2, 4, *SHAPE), 0.3), generator=torch.Generator().manual_seed(2)).double()
     with torch.no_grad():
         elbo = -torch.stack([pkm.episode_elbo(x).neg_elbo for _ in range(200)]).mean(0)
@@ -161,9 +178,18 @@ def test_pkm_learns_on_real_mnist_and_pictures(tmp_path: Path, capsys) -> None:
     from km.runs import epoch_metrics
 
     ov = tiny(tmp_path, model="pkm") + [
-        "net.channels=[8,16,32]", "net.embed_dim=64", "model.code_dim=32", "model.memory_size=16",
-        "model.machines=4", "data.episode_length=16", "data.train_episodes_per_epoch=256", "data.batch_size=8",
-        "trainer.max_epochs=3", "model.lr=2e-3", "eval.is_samples=2", "run_id=pkm",
+        "net.channels=[8,16,32]",
+        "net.embed_dim=64",
+        "model.code_dim=32",
+        "model.memory_size=16",
+        "model.machines=4",
+        "data.episode_length=16",
+        "data.train_episodes_per_epoch=256",
+        "data.batch_size=8",
+        "trainer.max_epochs=3",
+        "model.lr=2e-3",
+        "eval.is_samples=2",
+        "run_id=pkm",
     ]
     train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "pkm"

@@ -51,7 +51,7 @@ def deterministic_addresses(model) -> None:
     if hasattr(model, "q_y"):
         with torch.no_grad():
             model.q_y.weight.normal_(0, 0.3)
-            model.q_y.bias[model.cfg.y_dim:] = -50.0
+            model.q_y.bias[model.cfg.y_dim :] = -50.0
 
 
 def memory_kl(model, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +194,10 @@ def test_optimiser_choice() -> None:
     assert type(make("km").configure_optimizers()) is torch.optim.Adam
 
 
-@pytest.mark.parametrize("protocol,monitor", [("joint", "val/neg_elbo"), ("memory_conditional", "val/memory_conditional"),
-                                              ("heldout", "val/heldout")])
+@pytest.mark.parametrize(
+    "protocol,monitor",
+    [("joint", "val/neg_elbo"), ("memory_conditional", "val/memory_conditional"), ("heldout", "val/heldout")],
+)
 def test_checkpoint_selection_follows_the_protocol(tmp_path: Path, protocol: str, monitor: str) -> None:
     from pytorch_lightning.callbacks import ModelCheckpoint
 

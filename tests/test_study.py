@@ -96,7 +96,9 @@ def test_clustering_scores_and_sparsity():
 def test_address_spread():
     same = torch.randn(1, 1, 16).expand(3, 6, 16)
     s = study.address_spread(same)
-    assert s["cosine"] == pytest.approx(1.0, abs=1e-5) and s["rel_spread"] < 1e-5 and s["eff_rank"] == pytest.approx(1.0)
+    assert (
+        s["cosine"] == pytest.approx(1.0, abs=1e-5) and s["rel_spread"] < 1e-5 and s["eff_rank"] == pytest.approx(1.0)
+    )
     assert study.address_spread(torch.randn(3, 6, 64))["cosine"] < 0.5
 
 
@@ -114,10 +116,15 @@ def _tiny_models():
     models = {
         "km": KanervaMachine(KMConfig(**small, y_dim=4, addr_dim=8, hidden=16), net, SHAPE, "bernoulli"),
         "dkm": DynamicKanervaMachine(DKMConfig(**small), net, SHAPE, "bernoulli"),
-        "pkm": ProductKanervaMachine(PKMConfig(**small, machines=2, y_dim=4, addr_dim=8, hidden=16), net, SHAPE,
-                                     "bernoulli"),
-        "kpp": KanervaPlusPlus(KPPConfig(code_dim=8, mem_channels=2, mem_size=8, window=4, read_steps=1, hidden=16),
-                               net, SHAPE, "bernoulli"),
+        "pkm": ProductKanervaMachine(
+            PKMConfig(**small, machines=2, y_dim=4, addr_dim=8, hidden=16), net, SHAPE, "bernoulli"
+        ),
+        "kpp": KanervaPlusPlus(
+            KPPConfig(code_dim=8, mem_channels=2, mem_size=8, window=4, read_steps=1, hidden=16),
+            net,
+            SHAPE,
+            "bernoulli",
+        ),
         "vae": VAE(VAEConfig(code_dim=8), net, SHAPE, "bernoulli"),
     }
     for m in models.values():

@@ -23,13 +23,24 @@ from km.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny() plus an even smaller budget: one epoch, one torch thread (much faster on 2 shared cores)
-FAST = ("trainer.max_epochs=1", "data.train_episodes_per_epoch=8", "data.val_episodes=8",
-        "data.test_episodes=8", "eval.is_samples=2", "trainer.num_threads=1")
+FAST = (
+    "trainer.max_epochs=1",
+    "data.train_episodes_per_epoch=8",
+    "data.val_episodes=8",
+    "data.test_episodes=8",
+    "eval.is_samples=2",
+    "trainer.num_threads=1",
+)
 
 
 def _spec(tmp_path: Path, parameters: dict, **extra) -> Path:
-    spec = {"method": "grid", "metric": {"name": "test/neg_elbo", "goal": "minimize"}, "parameters": parameters,
-            "command": ["${env}", "km", "train", "${args_no_hyphens}"], **extra}
+    spec = {
+        "method": "grid",
+        "metric": {"name": "test/neg_elbo", "goal": "minimize"},
+        "parameters": parameters,
+        "command": ["${env}", "km", "train", "${args_no_hyphens}"],
+        **extra,
+    }
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
@@ -56,11 +67,27 @@ def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys: p
 def test_bayes_and_random_suggestions_stay_in_range() -> None:
     spec = sweep.load_spec(ROOT / "sweeps" / "km_mnist_lr_memory.yaml")
     lr, mem = spec["parameters"]["model.lr"], spec["parameters"]["model.memory_size"]["values"]
-    fake = [{"name": f"r{i:03d}", "status": "finished", "metric": 300.0 + (i * 7) % 11, "history": [],
-             "config": {"model": "km", "data": "mnist", "model.lr": 10 ** (-3.8 + 0.3 * i), "model.memory_size": mem[i % 3],
-                        "trainer.max_epochs": 3, "data.train_episodes_per_epoch": 64, "data.val_episodes": 64,
-                        "data.test_episodes": 64, "eval.is_samples": 20, "seed": 1}}
-            for i in range(5)]
+    fake = [
+        {
+            "name": f"r{i:03d}",
+            "status": "finished",
+            "metric": 300.0 + (i * 7) % 11,
+            "history": [],
+            "config": {
+                "model": "km",
+                "data": "mnist",
+                "model.lr": 10 ** (-3.8 + 0.3 * i),
+                "model.memory_size": mem[i % 3],
+                "trainer.max_epochs": 3,
+                "data.train_episodes_per_epoch": 64,
+                "data.val_episodes": 64,
+                "data.test_episodes": 64,
+                "eval.is_samples": 20,
+                "seed": 1,
+            },
+        }
+        for i in range(5)
+    ]
     fake.append({**fake[0], "name": "r006", "status": "failed", "metric": None})
     for method in ("bayes", "random"):
         for _ in range(5):
@@ -80,18 +107,30 @@ def test_shipped_specs_and_grid_exhaustion() -> None:
     while (cfg := sweep.suggest(spec, runs)) is not None:
         runs.append({"name": f"r{len(runs) + 1:03d}", "config": cfg, "status": "finished", "metric": 1.0})
     assert {(r["config"]["model"], r["config"]["data"], r["config"]["seed"]) for r in runs} == {
-        (m, d, s) for m in ("vae", "km", "dkm", "pkm", "kpp_cpu") for d in ("mnist", "omniglot") for s in (1, 2)}
+        (m, d, s) for m in ("vae", "km", "dkm", "pkm", "kpp_cpu") for d in ("mnist", "omniglot") for s in (1, 2)
+    }
     cmd = sweep.build_command(spec, {"name": "sw", "overrides": ["seed=9", "trainer.max_epochs=1"]}, runs[0], [])
     assert cmd[1:4] == ["-m", "km.cli", "train"] and cmd[-3:] == ["name=sw", "run_id=r001", "resume=auto"]
     assert "seed=9" not in cmd and "trainer.max_epochs=1" not in cmd  # swept values win over fixed ones
 
 
 def test_hyperband_stops_a_lagging_run() -> None:
-    spec = {"method": "grid", "metric": {"name": "test/neg_elbo", "goal": "minimize"},
-            "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
-            "parameters": {"seed": {"values": [1, 2, 3, 4]}}}
-    done = [{"name": f"r00{i}", "status": "finished", "metric": 100.0 - i, "history": [110.0 - i, 100.0 - i],
-             "config": {"seed": i}} for i in (1, 2)]
+    spec = {
+        "method": "grid",
+        "metric": {"name": "test/neg_elbo", "goal": "minimize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+        "parameters": {"seed": {"values": [1, 2, 3, 4]}},
+    }
+    done = [
+        {
+            "name": f"r00{i}",
+            "status": "finished",
+            "metric": 100.0 - i,
+            "history": [110.0 - i, 100.0 - i],
+            "config": {"seed": i},
+        }
+        for i in (1, 2)
+    ]
     bad = {"name": "r003", "status": "running", "metric": None, "history": [150.0], "config": {"seed": 3}}
     good = {**bad, "history": [105.0]}
     assert sweep.should_stop(spec, [*done, bad], "r003")
@@ -120,8 +159,10 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
     from km.sweep import wait_for_trainer
 
     run_dir = tmp_path / "run"
-    hold = ("import sys, time; from km.runs import RunLock; l = RunLock(sys.argv[1]).acquire(); print('held', flush=True);"
-            " time.sleep(float(sys.argv[2]))")
+    hold = (
+        "import sys, time; from km.runs import RunLock; l = RunLock(sys.argv[1]).acquire(); print('held', flush=True);"
+        " time.sleep(float(sys.argv[2]))"
+    )
     root = str(Path(__file__).resolve().parents[1])
     p = subprocess.Popen([sys.executable, "-c", hold, str(run_dir), "60"], stdout=subprocess.PIPE, text=True, cwd=root)
     assert p.stdout.readline().strip() == "held"
@@ -139,8 +180,13 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
 
 
 def _agent(d: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "km.cli", "sweep", "agent", str(d)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "km.cli", "sweep", "agent", str(d)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _wait(what: str, ok, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:

@@ -31,8 +31,14 @@ def _km(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def _killed_at(step: int, *args: str) -> subprocess.CompletedProcess:
     """`km ARGS` SIGKILLed once training reaches `step` (tests/killer.py)."""
     e = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "tests.killer", str(step), "km", *args], capture_output=True,
-                          text=True, env=e, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "tests.killer", str(step), "km", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,8 +56,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_vae_loss_falls_on_real_mnist(tmp_path: Path) -> None:
-    cfg = compose_config(tiny(tmp_path, "trainer.max_epochs=3", "data.train_episodes_per_epoch=64",
-                              "model.lr=3e-3", "test_after_fit=false"))
+    cfg = compose_config(
+        tiny(
+            tmp_path,
+            "trainer.max_epochs=3",
+            "data.train_episodes_per_epoch=64",
+            "model.lr=3e-3",
+            "test_after_fit=false",
+        )
+    )
     run_dir = Path(train(cfg)["run_dir"])
     val = epoch_metrics(run_dir, "val/neg_elbo")
     assert sorted(val) == [0, 1, 2]
@@ -60,8 +73,11 @@ def test_vae_loss_falls_on_real_mnist(tmp_path: Path) -> None:
 
 
 def test_cli_train_then_eval_with_wandb_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = [a for a in tiny(tmp_path, "run_id=cli", "name=smoke", "eval.class_episodes=true",
-                            "data.classes_per_episode=1") if a != "logger=csv"] + ["logger=wandb"]
+    args = [
+        a
+        for a in tiny(tmp_path, "run_id=cli", "name=smoke", "eval.class_episodes=true", "data.classes_per_episode=1")
+        if a != "logger=csv"
+    ] + ["logger=wandb"]
     p = _km("train", *args)
     assert p.returncode == 0, p.stderr[-2000:]
     run_dir = tmp_path / "runs" / "smoke" / "cli"
@@ -167,7 +183,9 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
 def test_init_from_starts_a_new_run_from_another_runs_perception_nets(tmp_path: Path, capsys) -> None:
     from km.train import build_model, init_weights_from
 
-    src = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=vae", "test_after_fit=false")))["run_dir"])
+    src = Path(
+        train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=vae", "test_after_fit=false")))["run_dir"]
+    )
     vae = torch.load(src / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     km = build_model(compose_config(tiny(tmp_path, model="km")), (1, 28, 28), "bernoulli")
     fresh = {k: v.clone() for k, v in km.state_dict().items()}
@@ -192,8 +210,13 @@ def test_init_from_starts_a_new_run_from_another_runs_perception_nets(tmp_path: 
 
 def test_vae_trains_on_plain_batches_when_memory_models_get_class_episodes(tmp_path: Path, capsys) -> None:
     # static MNIST has no training labels, so class episodes would be an error for a memory model
-    run = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=v", "data.episodes=class",
-                                         "eval.is_samples=0")))["run_dir"])
+    run = Path(
+        train(
+            compose_config(
+                tiny(tmp_path, "trainer.max_epochs=1", "run_id=v", "data.episodes=class", "eval.is_samples=0")
+            )
+        )["run_dir"]
+    )
     assert "trains on iid batches" in capsys.readouterr().err
     assert "episodes: iid" in (run / "config.yaml").read_text()
 
@@ -203,8 +226,16 @@ def test_last_checkpoint_is_the_last_epoch_when_validation_stops_improving(tmp_p
     val/kl, which rises from ~0 as the VAE starts to use its code, makes the first epoch the best one."""
     from km.runs import best_checkpoint
 
-    cfg = compose_config(tiny(tmp_path, "trainer.max_epochs=3", "checkpoint.monitor=val/kl", "test_after_fit=false",
-                              "checkpoint.save_top_k=2", "run_id=plateau"))
+    cfg = compose_config(
+        tiny(
+            tmp_path,
+            "trainer.max_epochs=3",
+            "checkpoint.monitor=val/kl",
+            "test_after_fit=false",
+            "checkpoint.save_top_k=2",
+            "run_id=plateau",
+        )
+    )
     run_dir = Path(train(cfg)["run_dir"])
     kl = epoch_metrics(run_dir, "val/kl")
     ranked = sorted(kl, key=kl.get)
@@ -226,7 +257,9 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     marker = tmp_path / "payload-ran"
     hostile = tmp_path / "hostile.ckpt"
     torch.save({"state_dict": {}, "km_config": {"model": {"name": "vae"}}, "x": _Payload(str(marker))}, hostile)
@@ -246,8 +279,9 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path: Path
     assert not marker.exists()  # nothing in the file ran
 
 
-def test_a_second_trainer_on_a_running_run_is_refused_before_it_writes(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_a_second_trainer_on_a_running_run_is_refused_before_it_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from km.runs import RunLock
 
     run_dir = tmp_path / "runs" / "dup" / "same"
@@ -256,16 +290,19 @@ def test_a_second_trainer_on_a_running_run_is_refused_before_it_writes(tmp_path:
             main(["train", *tiny(tmp_path, "name=dup", "run_id=same")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {run_dir} is being trained by another process (pid {os.getpid()}); wait for it to end "
-                   "or stop it, then resume")
+    assert err == (
+        f"error: {run_dir} is being trained by another process (pid {os.getpid()}); wait for it to end "
+        "or stop it, then resume"
+    )
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the run was written
 
 
 def test_a_copied_run_resumes_from_its_true_last_epoch(tmp_path: Path) -> None:
     import shutil
 
-    first = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=2", "test_after_fit=false",
-                                           "run_id=orig")))["run_dir"])
+    first = Path(
+        train(compose_config(tiny(tmp_path, "trainer.max_epochs=2", "test_after_fit=false", "run_id=orig")))["run_dir"]
+    )
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(first, copy)
     ov = [f"resume={copy}", "trainer.max_epochs=3", "test_after_fit=false"]
@@ -309,9 +346,16 @@ def test_progress_lines_give_step_loss_rate_and_eta_where_no_bar_is_drawn(capsys
     from km.callbacks import ProgressLines
 
     p = ProgressLines(interval=0.0)
-    trainer = SimpleNamespace(global_step=0, is_global_zero=True, max_steps=-1, num_training_batches=10, max_epochs=4,
-                              current_epoch=0, callback_metrics={"train/loss_step": torch.tensor(123.456)},
-                              num_test_batches=[5])
+    trainer = SimpleNamespace(
+        global_step=0,
+        is_global_zero=True,
+        max_steps=-1,
+        num_training_batches=10,
+        max_epochs=4,
+        current_epoch=0,
+        callback_metrics={"train/loss_step": torch.tensor(123.456)},
+        num_test_batches=[5],
+    )
     p.on_train_start(trainer, None)
     for step in range(1, 4):
         trainer.global_step = step

@@ -59,8 +59,9 @@ def read_windows(M: Tensor, theta: Tensor, window: int) -> Tensor:
     C_m = M.shape[1]
     grid = F.affine_grid(theta.flatten(0, 1), [B * T, C_m, window, window], align_corners=False)  # (B T, w, w, 2)
     # the T windows of an episode stacked along the output height: one grid_sample per memory, no copies of M
-    out = F.grid_sample(M, grid.view(B, T * window, window, 2), mode="bilinear", padding_mode="zeros",
-                        align_corners=False)  # (B, C_m, T w, w)
+    out = F.grid_sample(
+        M, grid.view(B, T * window, window, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # (B, C_m, T w, w)
     return out.view(B, C_m, T, window, window).transpose(1, 2)  # (B, T, C_m, w, w)
 
 

@@ -80,8 +80,9 @@ class DynamicMemory(KanervaMemory):
         u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
         algebra_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(K, C, sigma_xi=sigma_xi, learn_sigma_xi=learn_sigma_xi, u_diag_clip=u_diag_clip,
-                         algebra_dtype=algebra_dtype)
+        super().__init__(
+            K, C, sigma_xi=sigma_xi, learn_sigma_xi=learn_sigma_xi, u_diag_clip=u_diag_clip, algebra_dtype=algebra_dtype
+        )
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.solver = solver

@@ -439,8 +439,9 @@ class KanervaMemory(nn.Module):
         R0 = self.R0.to(dtype)
         return MemoryState(R0.expand(B, *R0.shape), U0.expand(B, *U0.shape))
 
-    def _posterior(self, w: Tensor, z: Tensor, sigma_xi2: Tensor, mode: str, with_kl: bool = True,
-                   steps: bool = False) -> tuple[MemoryState, Tensor | None, Tensor | None]:
+    def _posterior(
+        self, w: Tensor, z: Tensor, sigma_xi2: Tensor, mode: str, with_kl: bool = True, steps: bool = False
+    ) -> tuple[MemoryState, Tensor | None, Tensor | None]:
         """Write z (B, T, C) at w (B, T, K) with noise sigma_xi2 (scalar or per item) into the prior, in the
         algebra's dtype: (posterior, KL(posterior || prior) (B,) or None, per-step KLs (B, T) or None)."""
         dt = self._dtype(w, z)
@@ -459,8 +460,11 @@ class KanervaMemory(nn.Module):
             else:
                 raise ValueError(f"mode must be 'batched' or 'online', got {mode!r}")
             out_dtype = self.R0.dtype
-            return (self._out(post), None if kl is None else kl.to(out_dtype),
-                    kl_steps.to(out_dtype) if steps and kl_steps is not None else None)
+            return (
+                self._out(post),
+                None if kl is None else kl.to(out_dtype),
+                kl_steps.to(out_dtype) if steps and kl_steps is not None else None,
+            )
 
     def write(self, state: MemoryState, w: Tensor, z: Tensor, mode: str = "batched") -> MemoryState:
         """Posterior after writing codes z (B, T, C) at w (B, T, K) into ``state``; ``mode`` is "batched" or

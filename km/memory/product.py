@@ -56,8 +56,15 @@ __all__ = ["ProductMemory", "machine_weights", "weighted_write"]
 MIN_WEIGHT = 1e-8  # pi below this counts as 1e-8: noise variance <= 1e8 sigma_xi^2, a vanishing update
 
 
-def weighted_write(state: MemoryState, w: Tensor, z: Tensor, pi: Tensor, sigma_xi2: float | Tensor,
-                   mode: str = "batched", u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP) -> MemoryState:
+def weighted_write(
+    state: MemoryState,
+    w: Tensor,
+    z: Tensor,
+    pi: Tensor,
+    sigma_xi2: float | Tensor,
+    mode: str = "batched",
+    u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+) -> MemoryState:
     """Every machine's posterior after writing z (B, T, C) at w (B, P, T, K_p) with weights pi (B, T, P)."""
     noise = sigma_xi2 / pi.clamp_min(MIN_WEIGHT).transpose(-1, -2)  # (B, P, T) per-item noise variance
     z_p = z.unsqueeze(1).expand(-1, w.shape[1], -1, -1)  # (B, P, T, C)
@@ -86,18 +93,38 @@ class ProductMemory(KanervaMemory):
     """P Kanerva memories with learned priors MN(R_0p, U_0p, I_C), U_0p = (exp(s_p) + 1e-6) I (KM's init);
     R_0: (P, K, C), s: (P,), one sigma_xi shared by all machines."""
 
-    def __init__(self, P: int, K: int, C: int, sigma_xi: float = 1.0, learn_sigma_xi: bool = False,
-                 u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP, algebra_dtype: torch.dtype | None = None) -> None:
-        super().__init__(K, C, sigma_xi=sigma_xi, learn_sigma_xi=learn_sigma_xi, u_diag_clip=u_diag_clip,
-                         machines=(P,), algebra_dtype=algebra_dtype)
+    def __init__(
+        self,
+        P: int,
+        K: int,
+        C: int,
+        sigma_xi: float = 1.0,
+        learn_sigma_xi: bool = False,
+        u_diag_clip: DiagClip = DEFAULT_U_DIAG_CLIP,
+        algebra_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            K,
+            C,
+            sigma_xi=sigma_xi,
+            learn_sigma_xi=learn_sigma_xi,
+            u_diag_clip=u_diag_clip,
+            machines=(P,),
+            algebra_dtype=algebra_dtype,
+        )
         self.P = P
 
     def write(self, state: MemoryState, w: Tensor, z: Tensor, pi: Tensor, mode: str = "batched") -> MemoryState:  # type: ignore[override]
         """Every machine's posterior after writing z (B, T, C) at w (B, P, T, K_p) with weights pi (B, T, P)."""
         return weighted_write(state, w, z, pi, self.sigma_xi2, mode, self.u_diag_clip)
 
-    def write_with_kl(self, w: Tensor, z: Tensor, pi: Tensor,  # type: ignore[override]
-                      mode: str = "batched") -> tuple[MemoryState, Tensor]:
+    def write_with_kl(
+        self,
+        w: Tensor,
+        z: Tensor,
+        pi: Tensor,  # type: ignore[override]
+        mode: str = "batched",
+    ) -> tuple[MemoryState, Tensor]:
         """Every machine's q(M_p | X) after the weighted write into the prior (see ``weighted_write``), and
         sum_p KL(q(M_p | X) || p(M_p)) (B,) from the write's own factors."""
         noise = self.sigma_xi2 / pi.clamp_min(MIN_WEIGHT).transpose(-1, -2)  # (B, P, T) per-item noise variance

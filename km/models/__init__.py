@@ -36,5 +36,13 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["CONFIGS", "MODELS", "REGISTRY", "EpisodeModel", "EpisodeOutput", "ModelConfig", "NonFiniteLossError",
-           "model_class"]
+__all__ = [
+    "CONFIGS",
+    "MODELS",
+    "REGISTRY",
+    "EpisodeModel",
+    "EpisodeOutput",
+    "ModelConfig",
+    "NonFiniteLossError",
+    "model_class",
+]

@@ -188,13 +188,19 @@ class EpisodeModel(pl.LightningModule):
         for k, v in terms.items():
             name = k if not prefix else (prefix if k == "neg_elbo" else f"{prefix}_{k}")
             self.log(
-                f"{split}/{name}", self.report(v.detach().mean()), batch_size=batch_size,
-                on_step=False, on_epoch=True, sync_dist=True, prog_bar=(name == "neg_elbo"),
+                f"{split}/{name}",
+                self.report(v.detach().mean()),
+                batch_size=batch_size,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                prog_bar=(name == "neg_elbo"),
             )
 
     def _log_value(self, name: str, nats: torch.Tensor, batch_size: int) -> None:
-        self.log(name, self.report(nats.detach().mean()), batch_size=batch_size, on_step=False, on_epoch=True,
-                 sync_dist=True)
+        self.log(
+            name, self.report(nats.detach().mean()), batch_size=batch_size, on_step=False, on_epoch=True, sync_dist=True
+        )
 
     @staticmethod
     def protocol_values(out: EpisodeOutput) -> dict[str, torch.Tensor]:
@@ -219,7 +225,9 @@ class EpisodeModel(pl.LightningModule):
                 self._log_value(f"{split}/heldout_nll_is{is_samples}", -self.log_likelihood_is(x, is_samples, n), B)
 
     def _diverged(self, what: str) -> NonFiniteLossError:
-        return NonFiniteLossError(f"{what} at epoch {self.current_epoch + 1} (counting from 1), step {self.global_step}")
+        return NonFiniteLossError(
+            f"{what} at epoch {self.current_epoch + 1} (counting from 1), step {self.global_step}"
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["x"]

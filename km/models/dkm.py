@@ -52,10 +52,16 @@ class DynamicKanervaMachine(EpisodeModel):
     def __init__(self, cfg: DKMConfig, net: NetConfig, image_shape: tuple[int, int, int], likelihood: str):
         super().__init__(cfg, net, image_shape, likelihood)
         cfg.check()
-        self.memory = DynamicMemory(cfg.memory_size, cfg.code_dim, sigma_xi=cfg.sigma_xi,
-                                    learn_sigma_xi=cfg.learn_sigma_xi, sigma_w0=cfg.sigma_w0,
-                                    sigma_w_init=cfg.sigma_w_init, solver=cfg.solver,
-                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
+        self.memory = DynamicMemory(
+            cfg.memory_size,
+            cfg.code_dim,
+            sigma_xi=cfg.sigma_xi,
+            learn_sigma_xi=cfg.learn_sigma_xi,
+            sigma_w0=cfg.sigma_w0,
+            sigma_w_init=cfg.sigma_w_init,
+            solver=cfg.solver,
+            algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype,
+        )
         self.to_code = nn.Linear(self.encoder.out_dim, cfg.code_dim)  # e(x) = to_code(encoder(x))
 
     # ---- pieces --------------------------------------------------------------------------
@@ -93,8 +99,9 @@ class DynamicKanervaMachine(EpisodeModel):
         loss = neg_elbo + self.cfg.ae_weight * ae
         if kl_steps is not None and not targets:
             loss = loss + (kl_steps - kl_M) / T
-        return EpisodeOutput(loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts,
-                             extras={"ae_recon": ae})
+        return EpisodeOutput(
+            loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts, extras={"ae_recon": ae}
+        )
 
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) from the episode x (B, T, C, H, W)."""

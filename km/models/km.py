@@ -82,8 +82,13 @@ class KanervaMachine(EpisodeModel):
         super().__init__(cfg, net, image_shape, likelihood)
         cfg.check()
         E, K, C = self.encoder.out_dim, cfg.memory_size, cfg.code_dim
-        self.memory = KanervaMemory(K, C, sigma_xi=cfg.sigma_xi, learn_sigma_xi=cfg.learn_sigma_xi,
-                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
+        self.memory = KanervaMemory(
+            K,
+            C,
+            sigma_xi=cfg.sigma_xi,
+            learn_sigma_xi=cfg.learn_sigma_xi,
+            algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype,
+        )
         self.q_y = nn.Linear(E, 2 * cfg.y_dim)  # -> (mu_y, log sigma_y)
         self.f = nn.Sequential(nn.Linear(cfg.y_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.addr_dim))
         self.A = nn.Parameter(torch.randn(K, cfg.addr_dim) / math.sqrt(cfg.addr_dim))  # (K, S) addresses
@@ -148,8 +153,9 @@ class KanervaMachine(EpisodeModel):
         kl_z = kl_z.mean(1)  # (B,)
         z = mu_z + torch.randn_like(mu_z) * ls_z.exp()  # (B, T, C)
         recon = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,)
-        kl_y_dims = gaussian_kl(mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]),
-                                torch.zeros_like(ls_y[..., None]))  # (B, T, d_y) per dimension
+        kl_y_dims = gaussian_kl(
+            mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]), torch.zeros_like(ls_y[..., None])
+        )  # (B, T, d_y) per dimension
         kl_y = kl_y_dims.sum(-1).mean(1)  # (B,)
         parts = {"kl_y": kl_y, "kl_z": kl_z}
         if not targets:  # the joint bound pays for the memory; the held-out targets do not (it is the context's)
@@ -213,9 +219,13 @@ class KanervaMachine(EpisodeModel):
             r = wt @ M  # mean of p(z | y, M)
             z = mu_z + torch.randn_like(mu_z) * ls_z.exp()
             ls_xi = self._log_sigma_xi().expand_as(r)
-            lw = (self.log_px(self.decode_codes(z), x[:, tgt])
-                  + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt)) - gaussian_log_prob(yt, mu_yt, ls_yt)
-                  + gaussian_log_prob(z, r, ls_xi) - gaussian_log_prob(z, mu_z, ls_z)).sum(1)  # (B,)
+            lw = (
+                self.log_px(self.decode_codes(z), x[:, tgt])
+                + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt))
+                - gaussian_log_prob(yt, mu_yt, ls_yt)
+                + gaussian_log_prob(z, r, ls_xi)
+                - gaussian_log_prob(z, mu_z, ls_z)
+            ).sum(1)  # (B,)
             if not targets:
                 lw = lw + log_prob_matrix_normal(M, self.memory.prior(B)) - log_prob_matrix_normal(M, post)
             log_w.append(lw)

@@ -95,8 +95,15 @@ class KanervaPlusPlus(EpisodeModel):
         recon = -self.log_px(self.decode_codes(self._sample(mu_z, ls_z)), x).mean(1)
         parts = {"kl_z": kl_z, "kl_Y": kl_Y}
         if not targets:  # the held-out targets do not pay for the memory (it is the context's)
-            parts["kl_M"] = gaussian_kl(mu_M.flatten(1), ls_M.flatten(1), torch.zeros_like(mu_M.flatten(1)),
-                                        torch.zeros_like(ls_M.flatten(1))) / T  # (B,)
+            parts["kl_M"] = (
+                gaussian_kl(
+                    mu_M.flatten(1),
+                    ls_M.flatten(1),
+                    torch.zeros_like(mu_M.flatten(1)),
+                    torch.zeros_like(ls_M.flatten(1)),
+                )
+                / T
+            )  # (B,)
         kl = sum(parts.values())
         neg_elbo = recon + kl
         return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts)
@@ -144,8 +151,13 @@ class KanervaPlusPlus(EpisodeModel):
             z = self._sample(mu_z, ls_z)
             mu_p, ls_p = self.prior_z(M, Y)
             zero3 = torch.zeros_like(Y)
-            lw = (self.log_px(self.decode_codes(z), x) + gaussian_log_prob(z, mu_p, ls_p) - gaussian_log_prob(z, mu_z, ls_z)
-                  + gaussian_log_prob(Y, zero3, zero3) - gaussian_log_prob(Y, mu_Y, ls_Y)).sum(1)  # (B,)
+            lw = (
+                self.log_px(self.decode_codes(z), x)
+                + gaussian_log_prob(z, mu_p, ls_p)
+                - gaussian_log_prob(z, mu_z, ls_z)
+                + gaussian_log_prob(Y, zero3, zero3)
+                - gaussian_log_prob(Y, mu_Y, ls_Y)
+            ).sum(1)  # (B,)
             if not targets:
                 Mf, zero = M.flatten(1), torch.zeros_like(M.flatten(1))
                 lw = lw + gaussian_log_prob(Mf, zero, zero) - gaussian_log_prob(Mf, mu_M.flatten(1), ls_M.flatten(1))

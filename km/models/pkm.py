@@ -37,9 +37,14 @@ class ProductKanervaMachine(KanervaMachine):
         cfg.check()
         super().__init__(cfg, net, image_shape, likelihood)
         P = cfg.machines
-        self.memory = ProductMemory(P, cfg.memory_size // P, cfg.code_dim, sigma_xi=cfg.sigma_xi,
-                                    learn_sigma_xi=cfg.learn_sigma_xi,
-                                    algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype)
+        self.memory = ProductMemory(
+            P,
+            cfg.memory_size // P,
+            cfg.code_dim,
+            sigma_xi=cfg.sigma_xi,
+            learn_sigma_xi=cfg.learn_sigma_xi,
+            algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype,
+        )
         self.q_c = nn.Linear(self.encoder.out_dim, P)  # machine-weight logits from e(x)
 
     # ---- pieces --------------------------------------------------------------------------
@@ -53,8 +58,12 @@ class ProductKanervaMachine(KanervaMachine):
         """e (B, T, E) -> pi (B, T, P)."""
         return machine_weights(self.q_c(e), self.cfg.top_k)
 
-    def _write(self, e: torch.Tensor, w: torch.Tensor,  # type: ignore[override]
-               pi: torch.Tensor) -> tuple[MemoryState, torch.Tensor]:
+    def _write(
+        self,
+        e: torch.Tensor,
+        w: torch.Tensor,  # type: ignore[override]
+        pi: torch.Tensor,
+    ) -> tuple[MemoryState, torch.Tensor]:
         """Every machine's q(M_p | X) and sum_p KL(q(M_p | X) || p(M_p)) (B,)."""
         return self.memory.write_with_kl(w, self.bottom_up(e)[0], pi, mode=self.cfg.write_mode)
 
@@ -89,14 +98,17 @@ class ProductKanervaMachine(KanervaMachine):
         else:  # exact E_q(M_p): KL at the mean read + C w^T U_p w / (2 sigma_xi^2)
             mu_z, ls_z, reads = self._read_z(e, w, pi, post.R)
             read_var = torch.einsum("bptk,bpkl,bptl->bpt", w, post.U, w)  # (B, P, T)
-            kl_zp = (gaussian_kl(mu_z[:, None], ls_z[:, None], reads, ls_xi.expand_as(reads))
-                     + 0.5 * reads.shape[-1] * read_var / (2 * ls_xi).exp())
+            kl_zp = (
+                gaussian_kl(mu_z[:, None], ls_z[:, None], reads, ls_xi.expand_as(reads))
+                + 0.5 * reads.shape[-1] * read_var / (2 * ls_xi).exp()
+            )
         kl_z = (pi.transpose(1, 2) * kl_zp).sum(1).mean(1)  # (B,) E_q(c) of the z-KL
         kl_c = kl_machine_weights(pi).mean(1)  # (B,)
         z = mu_z + torch.randn_like(mu_z) * ls_z.exp()
         recon = -self.log_px(self.decode_codes(z), x).mean(1)
-        kl_y_dims = gaussian_kl(mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]),
-                                torch.zeros_like(ls_y[..., None]))  # (B, T, d_y)
+        kl_y_dims = gaussian_kl(
+            mu_y[..., None], ls_y[..., None], torch.zeros_like(mu_y[..., None]), torch.zeros_like(ls_y[..., None])
+        )  # (B, T, d_y)
         kl_y = kl_y_dims.sum(-1).mean(1)
         parts = {"kl_y": kl_y, "kl_c": kl_c, "kl_z": kl_z}
         if not targets:  # the held-out targets do not pay for the memory (it is the context's)
@@ -164,9 +176,13 @@ class ProductKanervaMachine(KanervaMachine):
             z = mu_z + torch.randn_like(mu_z) * ls_z.exp()
             ls_xi = self._log_sigma_xi().expand_as(reads)
             log_pz = torch.logsumexp(gaussian_log_prob(z[:, None], reads, ls_xi), dim=1) - math.log(P)  # (B, T)
-            lw = (self.log_px(self.decode_codes(z), x[:, tgt]) + log_pz - gaussian_log_prob(z, mu_z, ls_z)
-                  + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt))
-                  - gaussian_log_prob(yt, mu_y[:, tgt], ls_y[:, tgt])).sum(1)
+            lw = (
+                self.log_px(self.decode_codes(z), x[:, tgt])
+                + log_pz
+                - gaussian_log_prob(z, mu_z, ls_z)
+                + gaussian_log_prob(yt, torch.zeros_like(yt), torch.zeros_like(yt))
+                - gaussian_log_prob(yt, mu_y[:, tgt], ls_y[:, tgt])
+            ).sum(1)
             if not targets:
                 prior = self.memory.prior(B)
                 lw = lw + (log_prob_matrix_normal(M, prior) - log_prob_matrix_normal(M, post)).sum(-1)
