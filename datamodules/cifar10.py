@@ -7,8 +7,6 @@ discretised logistic likelihood). Val is carved from train by a fixed permutatio
 from __future__ import annotations
 
 import lzma
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +47,9 @@ def cached_shard(files: DataFiles, rel: str) -> np.ndarray:
         except Exception:  # a broken cache entry is rebuilt, never reported
             cached.unlink(missing_ok=True)
     images = files.load(rel, read_shard)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, cached)
+    from km.runs import atomic_write
+
+    atomic_write(cached, lambda f: np.save(f, images))
     return images
 
 
