@@ -44,8 +44,8 @@ memory-conditional (class) | other. Written into --out (default runs/compare/<ti
                            note says so.
     curves_<data>.png      --curve-metric vs epoch per data set, one line per group (mean over seeds,
                            shaded ± std where two or more seeds reach that epoch).
-    nll_bars.png           --metric per group (the name is historical: the axis names the metric and
-                           its protocol), one subplot per data set (units differ), error bars = std
+    metric_bars.png        --metric per group (test/neg_elbo by default: the joint bound; the axis names
+                           the metric and its protocol), one subplot per data set (units differ), error bars = std
                            over seeds, n under each bar; the y axis is zoomed onto the bars.
     summary.json           the same numbers, machine readable (groups, column_groups, notes, per-run
                            rows, curves).
@@ -1038,13 +1038,13 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
         + textwrap.fill("(lower is better; best per data set in orange where the budgets match; y axis zoomed)", chars),
         fontsize=9,
     )
-    p = out / "nll_bars.png"  # historical name: the bars show --metric, whatever its protocol
+    p = out / "metric_bars.png"  # the bars show --metric, whatever its protocol (the axis says which)
     fig.savefig(p)
     return p
 
 
 def write_outputs(agg: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Write table.md, table.csv, curves_<data>.png, nll_bars.png, summary.json into `out`."""
+    """Write table.md, table.csv, curves_<data>.png, metric_bars.png, summary.json into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     md = format_markdown(agg)
     notes = _notes(agg)

@@ -203,7 +203,7 @@ def test_cli_parent_dir_writes_tables_and_pngs(runs: Path, tmp_path: Path, capsy
 
     import matplotlib.image as mpimg
 
-    for name in ("curves_mnist.png", "curves_cifar10.png", "nll_bars.png"):
+    for name in ("curves_mnist.png", "curves_cifar10.png", "metric_bars.png"):
         p = out / name
         assert p.stat().st_size > 10_000, name
         img = mpimg.imread(p)
@@ -459,7 +459,7 @@ def test_metric_test_class_heldout_sorts_and_marks(tmp_path: Path, capsys: pytes
     vae_cells = [c.strip() for c in vae.strip("|").split("|")]
     assert vae_cells[cells.index("test_class/heldout")] == f"**90.50 ± {_std([90.0, 91.0]):.2f}**"
     assert not vae_cells[cells.index("test/neg_elbo")].startswith("**")
-    assert (out / "nll_bars.png").stat().st_size > 10_000
+    assert (out / "metric_bars.png").stat().st_size > 10_000
 
 
 def test_doc_replaces_only_the_marked_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
