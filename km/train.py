@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +318,10 @@ def _train(
     trainer, grid = make_trainer(cfg, run_dir, wandb_id, steps_per_epoch=len(dm.episodes("train")))
     t_fit = time.time()
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        with warnings.catch_warnings():
+            if ckpt is not None:  # a resumed run's checkpoint folder holds its own checkpoints: expected, not news
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     except NonFiniteLossError as e:
         _finish_wandb(trainer, failed=True)
         raise NonFiniteLossError(f"{e}. {_divergence_advice(cfg, run_dir)}") from None
