@@ -92,7 +92,7 @@ def test_interface_shapes_and_errors() -> None:
     with pytest.raises(ValueError, match="expected episodes of shape"):
         dkm.episode_elbo(torch.zeros(4, *SHAPE))
     for key, bad in (("solver", "qr"), ("memory_kl", "sum"), ("write_mode", "sequential")):
-        with pytest.raises(ValueError, match=f"model.{key} must be one of"):
+        with pytest.raises(ValueError, match=rf"bad value for 'model\.{key}': {bad} \(must be one of"):
             small_dkm(**{key: bad})
 
 
