@@ -86,7 +86,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from km.runs import atomic_write_text, epoch_metrics, read_json, read_metrics, steps_by_epoch
+from km.runs import atomic_write_text, epoch_values, read_json, read_metrics, steps_by_epoch
 
 MAIN_METRIC = "test/neg_elbo"
 CURVE_METRIC = "val/neg_elbo"
@@ -209,7 +209,7 @@ def read_curves(rows: list[dict[str, str]], prefix: str = "val/") -> dict[str, l
     """{metric: [[epoch, value], ...]} for every `prefix` column of a run's metrics.csv rows (`read_metrics`;
     rows are sparse: a value counts only where present; a repeated epoch keeps its last value)."""
     keys = sorted({k for r in rows for k in r if k and k.startswith(prefix)})
-    curves = {k: epoch_metrics(Path(), k, rows) for k in keys}
+    curves = {k: epoch_values(rows, k) for k in keys}
     return {k: [[e, d[e]] for e in sorted(d)] for k, d in curves.items() if d}
 
 
@@ -217,7 +217,7 @@ def _budget(rows: list[dict[str, str]], ev: dict[str, Any] | None) -> tuple[floa
     """(steps trained, step of the evaluated checkpoint): metrics.csv is the record of training; eval.json's
     `steps` / `checkpoint_step` (or its checkpoint `epoch`) where metrics.csv says nothing."""
     ev = ev or {}
-    by_epoch = steps_by_epoch(Path(), rows)
+    by_epoch = steps_by_epoch(rows)
     trained = max(by_epoch.values()) if by_epoch else _finite(ev.get("steps"))
     ckpt = _finite(ev.get("checkpoint_step"))
     epoch = _count(ev.get("epoch"))

@@ -335,22 +335,26 @@ def _number(v: str | None) -> float | None:
     return f if f is not None and math.isfinite(f) else None
 
 
-def epoch_metrics(run_dir: Path, key: str, rows: list[dict[str, str]] | None = None) -> dict[int, float]:
-    """{epoch: value} of one epoch-level metric (the last value logged in each epoch); `rows`: read_metrics'
-    output, when the caller has it already."""
+def epoch_values(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    """{epoch: value} of one epoch-level metric in metrics.csv rows (the last value logged in each epoch)."""
     out = {}
-    for r in read_metrics(run_dir) if rows is None else rows:
+    for r in rows:
         ep, v = _number(r.get("epoch")), _number(r.get(key))
         if ep is not None and v is not None:
             out[int(ep)] = v
     return out
 
 
-def steps_by_epoch(run_dir: Path, rows: list[dict[str, str]] | None = None) -> dict[int, int]:
-    """{epoch: optimiser steps done at its end} (Lightning logs an epoch's metrics at global step - 1, so the
-    step count is the epoch's largest logged `step` + 1)."""
+def epoch_metrics(run_dir: Path, key: str) -> dict[int, float]:
+    """{epoch: value} of one epoch-level metric of a run (`epoch_values` of its metrics.csv)."""
+    return epoch_values(read_metrics(run_dir), key)
+
+
+def steps_by_epoch(rows: list[dict[str, str]]) -> dict[int, int]:
+    """{epoch: optimiser steps done at its end} from metrics.csv rows (Lightning logs an epoch's metrics at
+    global step - 1, so the step count is the epoch's largest logged `step` + 1)."""
     last: dict[int, int] = {}
-    for r in read_metrics(run_dir) if rows is None else rows:
+    for r in rows:
         ep, st = _number(r.get("epoch")), _number(r.get("step"))
         if ep is not None and st is not None:
             last[int(ep)] = max(last.get(int(ep), -1), int(st) + 1)

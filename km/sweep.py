@@ -425,18 +425,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _key(o: str) -> str:
-    return override_key(o)
-
-
 def _check_overrides(overrides: list[str]) -> None:
     for o in overrides:
         try:
             split_override(o)
         except ConfigError as e:
             raise SweepError(f"--set: {e}") from None
-        if _key(o) in ("name", "run_id", "resume"):
-            raise SweepError(f"--set {_key(o)}=... is reserved: the agent sets name, run_id and resume")
+        if override_key(o) in ("name", "run_id", "resume"):
+            raise SweepError(f"--set {override_key(o)}=... is reserved: the agent sets name, run_id and resume")
 
 
 def _spec_command_overrides(spec: dict[str, Any]) -> list[str]:
@@ -451,9 +447,9 @@ def build_command(spec: dict[str, Any], state: dict[str, Any], rec: dict[str, An
     swept = set(rec["config"])
     fixed: dict[str, str] = {}  # a key given twice: the later one wins
     for o in [*_spec_command_overrides(spec), *state.get("overrides", []), *extra]:
-        if _key(o) not in swept:
-            fixed.pop(_key(o), None)
-            fixed[_key(o)] = o
+        if override_key(o) not in swept:
+            fixed.pop(override_key(o), None)
+            fixed[override_key(o)] = o
     params = [f"{k}={_fmt(v)}" for k, v in rec["config"].items()]
     return [
         sys.executable,
@@ -471,7 +467,7 @@ def build_command(spec: dict[str, Any], state: dict[str, Any], rec: dict[str, An
 def _run_dir(cmd: list[str], sweep_name: str, run_name: str) -> Path:
     runs_dir = "runs"
     for o in cmd:
-        if _key(o) == "runs_dir" and "=" in o:
+        if override_key(o) == "runs_dir" and "=" in o:
             runs_dir = o.split("=", 1)[1]
     return Path(runs_dir) / sweep_name / run_name
 

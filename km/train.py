@@ -153,13 +153,10 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
             ) from None
         keep = [o for o in (overrides or []) if split_override(o)[0] not in ("resume", "run_id", "name")]
         cfg = apply_overrides(saved_cfg, keep, read_meta(run_dir).get("choices"))
+        keys = {split_override(o)[0] for o in keep}  # group choices (model=, data=) were checked above
+        keys = {k for k in keys if "." in k or k in ("seed", "init_from")}
         changed = sorted(
-            {
-                k
-                for k, _ in map(split_override, keep)
-                if "." in k or k in ("seed", "init_from")
-                if not _resumable(k) and OmegaConf.select(cfg, k) != OmegaConf.select(saved_cfg, k)
-            }
+            k for k in keys if not _resumable(k) and OmegaConf.select(cfg, k) != OmegaConf.select(saved_cfg, k)
         )
         if changed:
             k = changed[0]
