@@ -18,19 +18,29 @@ For every model it prints, on one fixed batch (synthetic binary images, so no da
 ``--compile auto`` compiles on CUDA only: on this project's 2-core CPU machines inductor takes minutes per model,
 so the CPU table says "skipped". After the table, the episode sampler runs on the same device when the data is
 found (episodes/s of ``get_batch`` on the device, images checked to be there; Omniglot, MNIST at tiny sizes).
+
+Inductor's layout optimisation is switched off here (``TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0`` unless set):
+on an H200 with torch 2.11 it made every model's compiled backward fail in ``convolution_backward`` ("expected
+size 32==32, stride 256==1 at dim=1"); with it off all five compile (docs/results/gpu/h200_2026-12-01*.txt).
+fp32 matmuls stay at full float32 ("highest"), as the memory algebra needs; TF32 would be a separate decision.
+A model that fails is printed as a row saying why, and each row is printed as soon as it is done.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
-import torch
-from rich.console import Console
-from rich.table import Table
+os.environ.setdefault("TORCHINDUCTOR_LAYOUT_OPTIMIZATION", "0")  # before torch: see the docstring
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 MODEL_NAMES = ("vae", "km", "dkm", "pkm", "kpp")
 # tiny sizes (CPU smoke test): every model's memory and nets shrunk, B = 2 episodes of T = 4
@@ -94,7 +104,29 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def check_model(name: str, tiny: bool, device: torch.device, steps: int, compile_: bool) -> dict[str, str]:
+class time_limit:
+    """Raise TimeoutError in the main thread after ``seconds`` (SIGALRM; no limit where there is none)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds if hasattr(signal, "SIGALRM") else 0
+
+    def _raise(self, *_) -> None:
+        raise TimeoutError(f"over {self.seconds:.0f} s")
+
+    def __enter__(self) -> None:
+        if self.seconds:
+            self.previous = signal.signal(signal.SIGALRM, self._raise)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *_) -> None:
+        if self.seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+
+
+def check_model(
+    name: str, tiny: bool, device: torch.device, steps: int, compile_: bool, compile_limit: float = 0
+) -> dict[str, str]:
     model, x, cfg = build(name, tiny, device)
     B, T = x.shape[:2]
     opt = model.configure_optimizers()
@@ -134,7 +166,18 @@ def check_model(name: str, tiny: bool, device: torch.device, steps: int, compile
         compiled = torch.compile(model.episode_elbo)
         sync(device)
         start = time.perf_counter()
-        step(compiled)  # the first call compiles
+        try:
+            with time_limit(compile_limit):
+                step(compiled)  # the first call compiles
+        except Exception as e:  # noqa: BLE001 - dynamo wraps the TimeoutError; keep the eager row either way
+            if "TimeoutError" in f"{type(e).__name__} {e}":
+                row["compile s"], row["compiled ms/step"] = f">{compile_limit:.0f}", "timed out"
+            else:
+                row["compile s"], row["compiled ms/step"] = "failed", f"{type(e).__name__}"
+                print(f"{name}: torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                if os.environ.get("KM_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+            return row
         sync(device)
         row["compile s"] = f"{time.perf_counter() - start:.1f}"
         row["compiled ms/step"] = f"{1e3 * median_step(lambda: step(compiled), device, steps):.1f}"
@@ -194,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on CUDA only")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--compile-limit",
+        type=float,
+        default=120,
+        help="seconds one model may compile, best effort: inductor can swallow the alarm (0: none)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,13 +255,22 @@ def main(argv: list[str] | None = None) -> None:
     for col in COLUMNS:
         table.add_column(col, justify="right")
     for name in args.models:
-        row = check_model(name, tiny, device, args.steps, compile_)
+        # a model that fails is a row saying why, not a lost table; each row is printed as it is done
+        try:
+            row = check_model(name, tiny, device, args.steps, compile_, args.compile_limit)
+        except Exception as e:  # noqa: BLE001 - the check reports every model's outcome
+            row = {"model": name, "B x T": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"}
+        row = {c: row.get(c, "-") for c in COLUMNS}
+        console.print("  ".join(f"{c}={row[c]}" for c in COLUMNS), soft_wrap=True)
         table.add_row(*(row[c] for c in COLUMNS))
     console.print(table)
     if not compile_:
         why = "--compile off" if args.compile == "off" else "CPU: inductor takes minutes per model here; --compile on"
         console.print(f"torch.compile: skipped ({why})")
-    console.print(check_sampler(device, tiny))
+    try:
+        console.print(check_sampler(device, tiny))
+    except Exception as e:  # noqa: BLE001
+        console.print(f"episode sampler: failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
