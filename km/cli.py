@@ -4,8 +4,8 @@
     km train resume=<run dir | checkpoint | auto> [trainer.max_epochs=N]
     km eval <run dir | checkpoint> [--split test] [--is-samples N] [overrides...]
     km sweep start SPEC.yaml [--local]  register a W&B sweep (online) or create a local sweep dir (offline)
-    km sweep agent ID|DIR [--count N] [--gpus 0,1]   run sweep agents (see km/sweep.py)
-    km compare TARGET... [--out DIR]   tables and plots across runs (see km/compare.py)
+    km sweep agent ID|DIR [--count N] [--gpus 0,1]   run sweep agents (see km/sweep/)
+    km compare TARGET... [--out DIR]   tables and plots across runs (see km/compare/)
     km data check [NAME...]            verify the local data files (md5)
     km data download NAME [--dir D]    fetch official files (needs internet) into the local layout
     km config [overrides...]           print the resolved config

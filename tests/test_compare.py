@@ -153,7 +153,7 @@ def test_collect_and_aggregate_numbers(runs: Path) -> None:
 
 
 def test_curves_pool_seeds_and_include_runs_without_eval(runs: Path) -> None:
-    curves = aggregate_curves([r for r in collect([runs]) if r["status"] != "failed"])
+    curves = aggregate_curves([r for r in collect([runs]) if r.status != "failed"])
     km_mnist = {c["label"]: c for c in curves["mnist"]}["km"]
     assert km_mnist["epochs"] == [0, 1, 2, 3]
     assert km_mnist["n"] == [3, 3, 2, 2]  # seeds 1, 2 + the running seed-9 run for its 2 epochs
