@@ -21,13 +21,14 @@ from km.schema import CONFIGS
 
 
 def quiet_lightning() -> None:
-    """Keep the console for our own messages: Lightning's tips and PossibleUserWarnings off."""
+    """Keep the console for our own messages: Lightning's info logs (GPU/TPU available, model summary) off.
+
+    Warnings stay visible. The one filtered is not ours to fix: Lightning 2.6's CombinedLoader builds
+    ``torch.utils._pytree.LeafSpec()``, which torch >= 2.14 deprecates (pytorch_lightning/utilities/_pytree.py);
+    it fires once per fit whatever the data, and only that module's instance is filtered."""
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*is deprecated.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", ".*LeafSpec.*", module=r"pytorch_lightning\.utilities\._pytree")
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:

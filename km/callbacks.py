@@ -23,6 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
@@ -158,6 +159,30 @@ def _duration(seconds: float) -> str:
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
+
+
+class RichEpochBar(RichProgressBar):
+    """Lightning's rich bar with epochs numbered from 1, as every other line km prints them ("Epoch 1/10"
+    where Lightning writes "Epoch 0/9"). Public hooks and attributes only: the training task's description is
+    updated after Lightning sets its own."""
+
+    def describe(self, trainer: pl.Trainer) -> str:
+        text = f"Epoch {trainer.current_epoch + 1}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            text += f"/{trainer.max_epochs}"
+        return f"[{self.theme.description}]{text}" if self.theme.description else text
+
+    def _renumber(self, trainer: pl.Trainer) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self.describe(trainer))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._renumber(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kw: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kw)
+        self._renumber(trainer)  # the bar is re-created after each validation with Lightning's description
 
 
 class ProgressLines(pl.Callback):

@@ -5,7 +5,7 @@ runs/<name>/<run_id>/
     run.json           run metadata (W&B id, status, created/updated, last error)
     checkpoints/       last.ckpt + best-*.ckpt
     samples/           PNG grids, one per validation epoch
-    metrics.csv        every logged metric (CSVLogger, always on)
+    metrics.csv        every logged metric (km.callbacks.MetricsCSV, always on)
     eval.json          test results of every protocol (`km train`, `km eval`); eval_val.json: `km eval --split val`
     wandb/             W&B files (offline runs: `wandb sync runs/<name>/<run_id>/wandb/offline-run-*`)
 """
@@ -317,7 +317,7 @@ def append_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of a run's metrics.csv (CSVLogger: sparse rows, one column per metric); [] when it is missing
+    """The rows of a run's metrics.csv (MetricsCSV: sparse rows, one column per metric); [] when it is missing
     or unreadable (e.g. being rewritten while a sweep agent polls it). The one reader of metrics.csv."""
     path = Path(run_dir) / "metrics.csv"
     try:

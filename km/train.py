@@ -31,6 +31,7 @@ from km.callbacks import (
     EpochSummary,
     MetricsCSV,
     ProgressLines,
+    RichEpochBar,
     SampleGrid,
     seed_all,
 )
@@ -380,7 +381,7 @@ def make_trainer(
 ) -> tuple[pl.Trainer, SampleGrid]:
     """The Lightning trainer of a run. `steps_per_epoch` caps the logging interval, so a short epoch logs its
     training loss too (and Lightning has nothing to warn about)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     t = cfg.trainer
     log_every = min(t.log_every_n_steps, steps_per_epoch) if steps_per_epoch else t.log_every_n_steps
@@ -414,7 +415,7 @@ def make_trainer(
     ]
     bar = str(t.progress_bar) if t.progress_bar != "auto" else ("rich" if sys.stderr.isatty() else "none")
     if bar == "rich":
-        callbacks.append(RichProgressBar())
+        callbacks.append(RichEpochBar())
     else:
         callbacks += [EpochSummary(), ProgressLines(t.progress_interval)]
     trainer = pl.Trainer(

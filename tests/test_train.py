@@ -17,7 +17,7 @@ from km.cli import main
 from km.config import compose_config
 from km.models import VAE, NonFiniteLossError
 from km.runs import epoch_metrics, read_meta, read_metrics
-from km.train import train
+from km.train import quiet_lightning, train
 from tests.conftest import needs_data, tiny
 
 pytestmark = needs_data
@@ -369,3 +369,43 @@ def test_progress_lines_give_step_loss_rate_and_eta_where_no_bar_is_drawn(capsys
     q.on_train_start(trainer, None)
     q.on_train_batch_end(trainer, None, None, None, 0)
     assert capsys.readouterr().err == ""
+
+
+def test_rich_bar_numbers_epochs_from_one_like_every_printed_line() -> None:
+    import pytorch_lightning as pl
+    from torch import nn
+
+    from km.callbacks import RichEpochBar
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen: list[str] = []
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            bar = next(c for c in trainer.callbacks if isinstance(c, RichEpochBar))
+            seen.append(bar.progress.tasks[bar.train_progress_bar_id].description)
+
+    class TwoBatches:
+        def __iter__(self):
+            return iter([torch.zeros(2, 2), torch.ones(2, 2)])
+
+        def __len__(self) -> int:
+            return 2
+
+    quiet_lightning()
+    bar = RichEpochBar()
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[bar, Look()], logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
+    trainer.fit(Tiny(), train_dataloaders=TwoBatches())
+    assert [d.split("]")[-1].strip() for d in seen] == ["Epoch 1/2", "Epoch 1/2", "Epoch 2/2", "Epoch 2/2"]
