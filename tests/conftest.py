@@ -47,6 +47,25 @@ def tiny(tmp_path: Path, *extra: str, model: str = "vae", data: str = "mnist") -
     ]
 
 
+def learning_run(tmp_path: Path, model: str, *extra: str, epochs: int = 3) -> list[str]:
+    """Overrides of the shared "does it learn on real MNIST" runs: nets, memory and data a little larger than
+    `tiny`, T = 16, 8 episodes a batch, 32 steps an epoch, lr 2e-3 (`extra` goes last and wins)."""
+    return tiny(
+        tmp_path,
+        "net.channels=[8,16,32]",
+        "net.embed_dim=64",
+        "model.code_dim=32",
+        "data.episode_length=16",
+        "data.train_episodes_per_epoch=256",
+        "data.batch_size=8",
+        f"trainer.max_epochs={epochs}",
+        "model.lr=2e-3",
+        "eval.is_samples=2",
+        *extra,
+        model=model,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))

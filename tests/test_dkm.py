@@ -15,7 +15,7 @@ from km.cli import main
 from km.memory import MemoryState
 from km.models import DKMConfig, DynamicKanervaMachine
 from km.nets import NetConfig
-from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny, train_in_parallel
+from tests.conftest import assert_is_estimate_consistent_with_bound, learning_run, needs_data, train_in_parallel
 from tests.conftest import binary_episodes as episodes
 
 SHAPE = (1, 28, 28)
@@ -100,24 +100,10 @@ SEEDS = (1, 2, 3)  # the first three; seed 3 is also the run the single-model te
 
 
 def _overrides(tmp: Path, model: str, seed: int) -> list[str]:
-    return (
-        tiny(tmp, model=model)
-        + [
-            "net.channels=[8,16,32]",
-            "net.embed_dim=64",
-            "model.code_dim=32",
-            "model.memory_size=16",
-            "data.episode_length=16",
-            "data.train_episodes_per_epoch=256",
-            "data.batch_size=8",
-            "trainer.max_epochs=12",
-            "model.lr=2e-3",
-            "eval.is_samples=2",
-            f"seed={seed}",
-            f"run_id={model}_s{seed}",
-        ]
-        + (["model.start_as_vae=false"] if model == "km" else [])
-    )  # KM's default layer inits: see below
+    extra = ["model.start_as_vae=false"] if model == "km" else []  # KM's default layer inits: see below
+    return learning_run(
+        tmp, model, "model.memory_size=16", f"seed={seed}", f"run_id={model}_s{seed}", *extra, epochs=12
+    )
 
 
 @pytest.fixture(scope="module")

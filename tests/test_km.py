@@ -16,7 +16,7 @@ from km.memory import MemoryState
 from km.models import KanervaMachine, KMConfig
 from km.nets import NetConfig
 from km.train import train
-from tests.conftest import assert_is_estimate_consistent_with_bound, needs_data, tiny, train_in_parallel
+from tests.conftest import assert_is_estimate_consistent_with_bound, learning_run, needs_data, tiny, train_in_parallel
 from tests.conftest import binary_episodes as episodes
 
 SHAPE = (1, 28, 28)
@@ -154,19 +154,7 @@ def test_wrong_shapes_and_options_are_clear_errors() -> None:
 
 @needs_data
 def test_km_learns_on_real_mnist_and_its_denoise_and_sample_commands_run(tmp_path: Path, capsys) -> None:
-    ov = tiny(tmp_path, model="km") + [
-        "net.channels=[8,16,32]",
-        "net.embed_dim=64",
-        "model.code_dim=32",
-        "model.memory_size=16",
-        "data.episode_length=16",
-        "data.train_episodes_per_epoch=256",
-        "data.batch_size=8",
-        "trainer.max_epochs=3",
-        "model.lr=2e-3",
-        "eval.is_samples=2",
-        "run_id=km",
-    ]
+    ov = learning_run(tmp_path, "km", "model.memory_size=16", "run_id=km")
     summary = train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "km"
     from km.runs import epoch_metrics

@@ -17,7 +17,7 @@ from km.memory.block import BlockMemoryWriter, key_to_theta, offset_theta, read_
 from km.models import KanervaPlusPlus, KPPConfig
 from km.nets import NetConfig
 from km.train import train
-from tests.conftest import assert_is_estimate_consistent_with_bound, binary_episodes, needs_data, tiny
+from tests.conftest import assert_is_estimate_consistent_with_bound, binary_episodes, learning_run, needs_data
 
 DT = torch.float64
 SHAPE = (1, 28, 28)
@@ -130,18 +130,7 @@ def test_keys_are_refined_by_reading_and_interface_shapes() -> None:
 def test_kpp_learns_on_real_mnist_and_pictures(tmp_path: Path, capsys) -> None:
     from km.runs import epoch_metrics
 
-    ov = tiny(tmp_path, model="kpp_cpu") + [
-        "net.channels=[8,16,32]",
-        "net.embed_dim=64",
-        "model.code_dim=32",
-        "data.episode_length=16",
-        "data.train_episodes_per_epoch=256",
-        "data.batch_size=8",
-        "trainer.max_epochs=3",
-        "model.lr=2e-3",
-        "eval.is_samples=2",
-        "run_id=kpp",
-    ]
+    ov = learning_run(tmp_path, "kpp_cpu", "run_id=kpp")
     train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "kpp"
     val = epoch_metrics(run, "val/neg_elbo")

@@ -17,7 +17,7 @@ from km.memory.product import ProductMemory, kl_machine_weights, machine_weights
 from km.models import KanervaMachine, KMConfig, PKMConfig, ProductKanervaMachine
 from km.nets import NetConfig
 from km.train import train
-from tests.conftest import needs_data, tiny
+from tests.conftest import learning_run, needs_data
 
 DT = torch.float64
 SHAPE = (1, 28, 28)
@@ -177,20 +177,7 @@ def test_pkm_learns_on_real_mnist_and_pictures(tmp_path: Path, capsys) -> None:
     from km.cli import main
     from km.runs import epoch_metrics
 
-    ov = tiny(tmp_path, model="pkm") + [
-        "net.channels=[8,16,32]",
-        "net.embed_dim=64",
-        "model.code_dim=32",
-        "model.memory_size=16",
-        "model.machines=4",
-        "data.episode_length=16",
-        "data.train_episodes_per_epoch=256",
-        "data.batch_size=8",
-        "trainer.max_epochs=3",
-        "model.lr=2e-3",
-        "eval.is_samples=2",
-        "run_id=pkm",
-    ]
+    ov = learning_run(tmp_path, "pkm", "model.memory_size=16", "model.machines=4", "run_id=pkm")
     train(compose_config(ov))
     run = tmp_path / "runs" / "default" / "pkm"
     val = epoch_metrics(run, "val/neg_elbo")
