@@ -79,12 +79,13 @@ def median_step(step: Callable[[], object], device: torch.device, steps: int, wa
     return statistics.median(times)
 
 
-def build(name: str, tiny: bool, device: torch.device):
-    """(model on device, x (B, T, 1, S, S) on device, cfg) from the paper experiment config of ``name``."""
+def build(name: str, tiny: bool, device: torch.device, extra: tuple[str, ...] = ()):
+    """(model on device, x (B, T, 1, S, S) on device, cfg) from the paper experiment config of ``name``, with
+    the overrides ``extra`` (``--set``) last."""
     from km.config import compose_config
     from km.train import build_model
 
-    overrides = [f"experiment=paper_{name}_omniglot"] + (TINY + TINY_MODEL[name] if tiny else [])
+    overrides = [f"experiment=paper_{name}_omniglot"] + (TINY + TINY_MODEL[name] if tiny else []) + list(extra)
     cfg = compose_config(overrides)
     S = cfg.data.image_size
     model = build_model(cfg, (1, S, S), "bernoulli").to(device)
@@ -125,9 +126,15 @@ class time_limit:
 
 
 def check_model(
-    name: str, tiny: bool, device: torch.device, steps: int, compile_: bool, compile_limit: float = 0
+    name: str,
+    tiny: bool,
+    device: torch.device,
+    steps: int,
+    compile_: bool,
+    compile_limit: float = 0,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    model, x, cfg = build(name, tiny, device)
+    model, x, cfg = build(name, tiny, device, extra)
     B, T = x.shape[:2]
     opt = model.configure_optimizers()
 
@@ -238,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on CUDA only")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every model (net.channels_last=true)",
+    )
+    parser.add_argument(
         "--compile-limit",
         type=float,
         default=120,
@@ -251,13 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     console = Console(width=200)
     sizes = "tiny sizes" if tiny else "the papers' sizes (configs/experiment/paper_*_omniglot.yaml)"
+    sizes += "".join(f", {o}" for o in args.set)
     table = Table(title=f"device check: {device_name(device)}, torch {torch.__version__}, {sizes}")
     for col in COLUMNS:
         table.add_column(col, justify="right")
     for name in args.models:
         # a model that fails is a row saying why, not a lost table; each row is printed as it is done
         try:
-            row = check_model(name, tiny, device, args.steps, compile_, args.compile_limit)
+            row = check_model(name, tiny, device, args.steps, compile_, args.compile_limit, tuple(args.set))
         except Exception as e:  # noqa: BLE001 - the check reports every model's outcome
             row = {"model": name, "B x T": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"}
         row = {c: row.get(c, "-") for c in COLUMNS}
