@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,7 +89,11 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings(record=True) as said:  # torch's notes on a refused file would add lines
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        for w in said:  # a file that loads: its warnings are shown as usual
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise RunError(

@@ -180,6 +180,7 @@ class DKMConfig(ModelConfig):
     memory_kl: MemoryKL = MemoryKL.closed  # training loss: closed (matrix-normal KL) | steps (sum of per-step KLs)
     sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
+    query_noise: float = 0.0  # training only: fraction of each read query's pixels flipped (binary data; target clean)
 
     def check(self) -> None:
         super().check()
@@ -187,6 +188,7 @@ class DKMConfig(ModelConfig):
         for k in ("sigma_xi", "sigma_w0", "sigma_w_init"):
             need(getattr(self, k) > 0, k, getattr(self, k), "> 0: a standard deviation")
         need(self.ae_weight >= 0, "ae_weight", self.ae_weight, ">= 0")
+        need(0 <= self.query_noise < 1, "query_noise", self.query_noise, "in [0, 1): a fraction of pixels flipped")
 
 
 @dataclass

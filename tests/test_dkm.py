@@ -75,6 +75,28 @@ def test_deterministic_training_mode_still_reports_the_sampled_bound() -> None:
         assert dkm.episode_elbo(x).neg_elbo.sum().item() != dkm.episode_elbo(x).neg_elbo.sum().item()
 
 
+def test_query_noise_corrupts_training_queries_only() -> None:
+    """model.query_noise: the training loss reads with corrupted queries (a different loss, still finite), while
+    the reported numbers (eval mode) equal those of the same weights without it, draw for draw."""
+    x = episodes().double()
+    plain, noisy = small_dkm(sample=False).double(), small_dkm(sample=False, query_noise=0.3).double()
+    noisy.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    clean_loss = plain.episode_elbo(x).loss
+    torch.manual_seed(1)
+    noisy_loss = noisy.episode_elbo(x).loss
+    assert torch.isfinite(noisy_loss) and abs(noisy_loss.item() - clean_loss.item()) > 1e-3
+    noisy_loss.backward()  # gradients flow through the corrupted query's embedding
+    assert noisy.to_code.weight.grad.abs().sum() > 0
+    plain.eval(), noisy.eval()
+    with torch.no_grad():
+        torch.manual_seed(2)
+        a = plain.episode_elbo(x).neg_elbo
+        torch.manual_seed(2)
+        b = noisy.episode_elbo(x).neg_elbo
+    assert torch.equal(a, b)
+
+
 def test_one_sample_importance_weight_is_the_bound_in_expectation() -> None:
     assert_is_estimate_consistent_with_bound(small_dkm().double().eval(), episodes(b=2, t=3).double())
 

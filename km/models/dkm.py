@@ -26,6 +26,12 @@ Training loss = the bound + `ae_weight` * the autoencoder term -1/T sum_t ln p(x
 reported as `ae_recon`, never part of the bound). `sample: false` trains with the means (w = mu, M = R)
 as the official code does by default; validation and test always report the sampled bound.
 
+`query_noise: p` (not in the paper; issue #18's attractor study): in training, each scored item addresses the
+memory with a corrupted query, q(w_t | e(x~_t), M), x~_t = x_t with a fraction p of its pixels flipped, while
+the likelihood still scores the clean x_t. Any q gives a bound, so the training loss stays a bound for every
+draw of the corruption; what changes is that a read can only restore x_t from what the memory stored, which is
+the basin an attractor needs. Validation and test use clean queries (the reported numbers are unchanged).
+
 Attractor dynamics (test time only, never unrolled in training):
     x -> z = e(x) -> mu_w = solve(R, z) -> mu_w^T R -> decode -> mean image -> repeat.
 `energy(x, memory)` is the per-image negative ELBO of a query at the means (w = mu_w, M = R), the
@@ -43,6 +49,7 @@ from torch import nn
 from km.memory import DynamicMemory, MemoryState, log_prob_matrix_normal
 from km.models.base import EpisodeModel, EpisodeOutput, MemoryDtype
 from km.nets import NetConfig
+from km.overrides import ConfigError
 from km.schema import DKMConfig, MemoryKL, Solver  # noqa: F401 - re-exported
 
 LOG_2PI = math.log(2 * math.pi)
@@ -63,6 +70,10 @@ class DynamicKanervaMachine(EpisodeModel):
             algebra_dtype=MemoryDtype(cfg.memory_dtype).torch_dtype,
         )
         self.to_code = nn.Linear(self.encoder.out_dim, cfg.code_dim)  # e(x) = to_code(encoder(x))
+        if cfg.query_noise > 0 and likelihood != "bernoulli":
+            raise ConfigError(
+                f"bad value for 'model.query_noise': {cfg.query_noise} (must be 0 unless the data are binary)"
+            )
 
     # ---- pieces --------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,11 @@ class DynamicKanervaMachine(EpisodeModel):
         z, x = z[:, tgt], x[:, tgt]  # the scored items
         sample = self.cfg.sample or not self.training
         M = self.memory.sample(post) if sample else post.R  # (B, K, C)
-        mu_w = self.memory.address(M, z)  # (B, T, K) mean of q(w | z, M)
+        z_query = z
+        if self.training and self.cfg.query_noise > 0:  # x~_t: a fraction query_noise of the pixels flipped
+            flip = torch.rand_like(x) < self.cfg.query_noise
+            z_query = self.embed(torch.where(flip, 1 - x, x))
+        mu_w = self.memory.address(M, z_query)  # (B, T, K) mean of q(w | e(x~), M); x~ = x unless query_noise
         w = self.memory.sample_w(mu_w) if sample else mu_w
         recon = -self.log_px(self.decode_codes(w @ M), x).mean(1)  # (B,)
         parts = {"kl_w": self.memory.kl_w(mu_w).mean(1)}  # (B,)
