@@ -33,7 +33,7 @@ def read_shard(path: Path) -> np.ndarray:
 
 def read_labels(path: Path) -> dict[str, np.ndarray]:
     """{"train": (50000,), "test": (10000,)} integer labels 0..9."""
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: numpy leaks its own on a bad zip
         return {"train": z["train_labels"].astype(np.int64), "test": z["test_labels"].astype(np.int64)}
 
 

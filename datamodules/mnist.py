@@ -44,7 +44,7 @@ TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)  # d
 
 def read_binarized_npz(path: Path) -> dict[str, np.ndarray]:
     """{"train", "valid", "test"}: uint8 (N, 784) arrays of 0/1."""
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: numpy leaks its own on a bad zip
         arrays = {k: z[k] for k in ("train", "valid", "test")}
     for key, n in (("train", 50_000), ("valid", 10_000), ("test", 10_000)):
         if arrays[key].shape != (n, 784) or arrays[key].max() > 1:

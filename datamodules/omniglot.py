@@ -24,7 +24,7 @@ from .paths import DataFiles
 
 def read_images(path: Path) -> np.ndarray:
     """bool (n_chars, 20, 105, 105), True = paper."""
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: numpy leaks its own on a bad zip
         images = z["images"]
     if images.dtype != bool or images.shape[1:] != (20, 105, 105):
         raise ValueError(f"images: {images.dtype} {images.shape}, expected bool (n, 20, 105, 105)")

@@ -181,6 +181,7 @@ class DKMConfig(ModelConfig):
     sample: bool = True  # training loss samples w and M; false: means (reported bounds always sample)
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
     query_noise: float = 0.0  # training only: fraction of each read query's pixels flipped (binary data; target clean)
+    query_reads: int = 1  # training only: reads unrolled, each from the last read's mean image; the loss averages them
 
     def check(self) -> None:
         super().check()
@@ -189,6 +190,7 @@ class DKMConfig(ModelConfig):
             need(getattr(self, k) > 0, k, getattr(self, k), "> 0: a standard deviation")
         need(self.ae_weight >= 0, "ae_weight", self.ae_weight, ">= 0")
         need(0 <= self.query_noise < 1, "query_noise", self.query_noise, "in [0, 1): a fraction of pixels flipped")
+        need(1 <= self.query_reads <= 8, "query_reads", self.query_reads, "in [1, 8]: reads unrolled in training")
 
 
 @dataclass

@@ -97,6 +97,30 @@ def test_query_noise_corrupts_training_queries_only() -> None:
     assert torch.equal(a, b)
 
 
+def test_query_reads_average_the_bounds_of_the_unrolled_reads() -> None:
+    """model.query_reads=2: the training loss is the mean of the two reads' bounds (the second read addressed by
+    the first read's mean image) + KL(M)/T + the AE term; eval numbers are those of one read."""
+    x = episodes().double()
+    one, two = small_dkm(sample=False).double(), small_dkm(sample=False, query_reads=2).double()
+    two.load_state_dict(one.state_dict())
+    out1, loss2 = one.episode_elbo(x), two.episode_elbo(x).loss
+    with torch.no_grad():  # the second read, by hand, from the same weights
+        M = one.write(x).R
+        read1 = one.decode_codes(one.memory.address(M, one.embed(x)) @ M)
+        mu2 = one.memory.address(M, one.embed(one.mean_image(read1)))
+        bound2 = -one.log_px(one.decode_codes(mu2 @ M), x).mean(1) + one.memory.kl_w(mu2).mean(1)
+    bound1 = out1.recon + out1.parts["kl_w"]
+    want = ((bound1 + bound2) / 2 + out1.parts["kl_M"] + out1.extras["ae_recon"]).mean()
+    assert loss2.item() == pytest.approx(want.item(), rel=1e-10)
+    assert abs(loss2.item() - out1.loss.item()) > 1e-6  # the second read is not the first
+    one.eval(), two.eval()
+    with torch.no_grad():
+        torch.manual_seed(2)
+        a = one.episode_elbo(x).neg_elbo
+        torch.manual_seed(2)
+        assert torch.equal(a, two.episode_elbo(x).neg_elbo)
+
+
 def test_one_sample_importance_weight_is_the_bound_in_expectation() -> None:
     assert_is_estimate_consistent_with_bound(small_dkm().double().eval(), episodes(b=2, t=3).double())
 

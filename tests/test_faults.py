@@ -76,6 +76,7 @@ def _bad_invocations(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (t("model.memory_kl=bogus", model="dkm"), "expected one of [closed, steps]"),
         (t("model.sigma_w0=0", model="dkm"), "model.sigma_w0"),
         (t("model.query_noise=1.0", model="dkm"), "model.query_noise"),
+        (t("model.query_reads=0", model="dkm"), "model.query_reads"),
         (t("model.query_noise=0.1", model="dkm", data="cifar10"), "unless the data are binary"),
         (t("model.machines=0", model="pkm"), "model.machines"),
         (t("model.memory_size=30", model="pkm"), "a multiple of model.machines"),

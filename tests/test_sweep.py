@@ -169,6 +169,7 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
     assert lock_holder(run_dir) == str(p.pid)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    p.stdout.close()
     assert lock_holder(run_dir) is None  # a killed trainer never leaves its run locked
     assert wait_for_trainer(run_dir, "r001") is False
 
@@ -177,6 +178,7 @@ def test_run_lock_outlives_nothing_and_an_agent_waits_for_an_orphaned_trainer(tm
     t0 = time.time()
     assert wait_for_trainer(run_dir, "r001", poll=0.1) is True
     assert time.time() - t0 > 0.5 and p.wait(timeout=10) == 0 and lock_holder(run_dir) is None
+    p.stdout.close()
 
 
 def _agent(d: Path) -> subprocess.Popen:

@@ -31,6 +31,9 @@ memory with a corrupted query, q(w_t | e(x~_t), M), x~_t = x_t with a fraction p
 the likelihood still scores the clean x_t. Any q gives a bound, so the training loss stays a bound for every
 draw of the corruption; what changes is that a read can only restore x_t from what the memory stored, which is
 the basin an attractor needs. Validation and test use clean queries (the reported numbers are unchanged).
+`query_reads: n` (also training only) unrolls the dynamics: read k + 1 addresses the memory with the mean image
+of read k, and the training loss averages the n reads' bounds (an average of bounds is a bound), so a stored
+item is trained to be a fixed point of the read, not only the target of the first one.
 
 Attractor dynamics (test time only, never unrolled in training):
     x -> z = e(x) -> mu_w = solve(R, z) -> mu_w^T R -> decode -> mean image -> repeat.
@@ -104,19 +107,38 @@ class DynamicKanervaMachine(EpisodeModel):
             z_query = self.embed(torch.where(flip, 1 - x, x))
         mu_w = self.memory.address(M, z_query)  # (B, T, K) mean of q(w | e(x~), M); x~ = x unless query_noise
         w = self.memory.sample_w(mu_w) if sample else mu_w
-        recon = -self.log_px(self.decode_codes(w @ M), x).mean(1)  # (B,)
+        read = self.decode_codes(w @ M)  # decoder params of the read
+        recon = -self.log_px(read, x).mean(1)  # (B,)
         parts = {"kl_w": self.memory.kl_w(mu_w).mean(1)}  # (B,)
+        unrolled = self._unrolled_reads(read, M, x, sample) if self.training else None  # (B,) or None
         if not targets:  # the held-out targets do not pay for the memory (it is the context's)
             parts["kl_M"] = kl_M / T
         kl = sum(parts.values())
         neg_elbo = recon + kl
         ae = -self.log_px(self.decode_codes(z), x).mean(1)  # (B,) autoencoder term, training only
         loss = neg_elbo + self.cfg.ae_weight * ae
+        if unrolled is not None:  # the mean of every read's recon + KL(w) (KL(M) is shared)
+            loss = loss + (unrolled - (recon + parts["kl_w"])) * (self.cfg.query_reads - 1) / self.cfg.query_reads
         if kl_steps is not None and not targets:
             loss = loss + (kl_steps - kl_M) / T
         return EpisodeOutput(
             loss=loss.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts, extras={"ae_recon": ae}
         )
+
+    def _unrolled_reads(
+        self, read: torch.Tensor, M: torch.Tensor, x: torch.Tensor, sample: bool
+    ) -> torch.Tensor | None:
+        """Mean over reads 2..query_reads of recon + KL(w) (B,), each read addressed with the previous read's mean
+        image (the attractor dynamics, unrolled in training); None with one read."""
+        if self.cfg.query_reads <= 1:
+            return None
+        terms = []
+        for _ in range(self.cfg.query_reads - 1):
+            mu_w = self.memory.address(M, self.embed(self.mean_image(read)))
+            w = self.memory.sample_w(mu_w) if sample else mu_w
+            read = self.decode_codes(w @ M)
+            terms.append(-self.log_px(read, x).mean(1) + self.memory.kl_w(mu_w).mean(1))
+        return torch.stack(terms).mean(0)
 
     def write(self, x: torch.Tensor) -> MemoryState:
         """q(M | X) from the episode x (B, T, C, H, W)."""
