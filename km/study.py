@@ -1154,6 +1154,23 @@ STUDIES: dict[str, Callable[..., StudyResult]] = {
 }
 
 
+def run_study(name: str, runs: list[StudyRun], out: Path, tag: str | None = None, **kw: Any):
+    """Run study `name` and save its figure and table into `out`: (result, table files). With a tag every file
+    is named `<study>_<data>_<tag>.*`; the figure is drawn in a scratch folder first, so an untagged figure of
+    the same study already in `out` is never overwritten."""
+    import shutil
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        res = STUDIES[name](runs, out=Path(scratch) if tag else out, **kw)
+        if tag:  # e.g. attractors_mnist.png -> attractors_mnist_dkm.png
+            res.data = f"{res.data}_{tag}"
+            if res.png:
+                res.png = Path(shutil.move(res.png, out / f"{res.png.stem}_{tag}{res.png.suffix}"))
+    return res, res.save(out)
+
+
 def main(args: Any) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1180,14 +1197,8 @@ def main(args: Any) -> None:
         kw["items"] = args.items
     runs = load_runs(args.runs)
     out = Path(args.out) if args.out else (runs[0].run_dir / "study" if runs[0].run_dir else Path("study"))
-    res = STUDIES[args.study](runs, out=out, **kw)
-    tag = getattr(args, "tag", None)
-    if tag:  # e.g. attractors_mnist.png -> attractors_mnist_dkm.png
-        res.data = f"{res.data}_{tag}"
-        if res.png:
-            res.png = res.png.rename(res.png.with_name(f"{res.png.stem}_{tag}{res.png.suffix}"))
+    res, files = run_study(args.study, runs, out, getattr(args, "tag", None), **kw)
     print(res.text())
-    files = res.save(out)
     if res.png:
         print(f"figure: {res.png}")
     print(f"table: {files[0]}  ({res.seconds:.0f} s)")

@@ -158,6 +158,16 @@ def test_every_study_runs_on_tiny_models(tmp_path):
     assert files[0].read_text().startswith("**PKM allocation**")
 
 
+def test_a_tagged_study_leaves_the_untagged_figure_alone(tmp_path):
+    pkm = _run(_tiny_models()["pkm"], "pkm")
+    res, _ = study.run_study("allocation", [pkm], tmp_path, items=40, shuffles=3)
+    untagged = res.png.read_bytes()
+    res, files = study.run_study("allocation", [pkm], tmp_path, tag="again", items=40, shuffles=3)
+    assert res.png.name.endswith("_again.png") and res.png.parent == tmp_path and files[0].stem.endswith("_again")
+    survivors = sorted(p.name for p in tmp_path.glob("allocation_*.png"))
+    assert len(survivors) == 2 and (tmp_path / survivors[0]).read_bytes() == untagged, survivors
+
+
 def test_bad_input_is_one_study_error():
     models = _tiny_models()
     vae, km = _run(models["vae"], "vae"), _run(models["km"], "km")
