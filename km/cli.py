@@ -201,6 +201,11 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--noise", type=float, default=0.15, help="pixel flip probability of the corrupted cues, in [0, 1]")
     p.add_argument("--iters", type=int, default=None, help="reads (default: capacity 1, attractors 20, oneshot 3)")
+    p.add_argument(
+        "--feedback",
+        default="mean,threshold",
+        help="attractors: what each read feeds back, a comma list of mean | threshold | sample (a Bernoulli draw)",
+    )
     p.add_argument("--samples", type=int, default=10, help="oneshot: samples per episode")
     p.add_argument("--items", type=int, default=10000, help="allocation: labelled test items")
     p.add_argument("--seed", type=int, default=0)

@@ -226,15 +226,27 @@ def retrieval_scores(reads: Tensor, items: Tensor, binary: bool = True) -> dict[
     }
 
 
+FEEDBACKS = ("mean", "threshold", "sample")
+
+
 @torch.no_grad()
-def iterate_reads(model: Any, cues: Tensor, memory: Any, iters: int, feedback: str = "mean") -> list[Tensor]:
+def iterate_reads(
+    model: Any, cues: Tensor, memory: Any, iters: int, feedback: str = "mean", seed: int = 0
+) -> list[Tensor]:
     """[cues, read 1, ..., read n]: each read's mean image is fed back (`feedback='threshold'`: thresholded
-    at 0.5 first, a clean-up nonlinearity as in a Hopfield net; the chain's reported points stay the means)."""
+    at 0.5 first, a clean-up nonlinearity as in a Hopfield net; 'sample': a Bernoulli draw from it, seeded, the
+    kind of noisy binary query `model.query_noise` trains DKM on); the chain's reported points stay the means."""
     chain, x = [cues], cues
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(iters):
         mean = model.mean_image(model.read(x, memory))
         chain.append(mean)
-        x = (mean > 0.5).float() if feedback == "threshold" else mean
+        if feedback == "threshold":
+            x = (mean > 0.5).float()
+        elif feedback == "sample":
+            x = torch.bernoulli(mean.clamp(0, 1), generator=gen)
+        else:
+            x = mean
     return chain
 
 
@@ -557,6 +569,9 @@ def attractors(
     check_noise(noise)
     if iters < 1:
         raise StudyError(f"--iters {iters}: the number of iterations must be >= 1")
+    bad = [f for f in feedbacks if f not in FEEDBACKS]
+    if bad or not feedbacks:
+        raise StudyError(f"--feedback {','.join(feedbacks)}: each must be one of {', '.join(FEEDBACKS)}")
     x_all, binary = runs[0].x_test, runs[0].binary
     x, _ = episodes_of(x_all, T, episodes, seed)
     cues = corrupt_cues(x, "flip", noise, binary, seed + 1)
@@ -603,7 +618,8 @@ def attractors(
     header = (
         f"**attractors** on {data} test images: {episodes} episodes of T={T} items (seed {seed}) written clean; "
         f"each chain starts at its item with {noise:g} of pixels flipped and reads {iters} times (feedback=mean: "
-        "the read's mean image is fed back, KM Algorithm 1 / DKM's dynamics; threshold: thresholded at 0.5 first). "
+        "the read's mean image is fed back, KM Algorithm 1 / DKM's dynamics; threshold: thresholded at 0.5 first; "
+        "sample: a Bernoulli draw from it). "
         "End point classes (fractions of chains): own / other = nearest stored item is its own / another one and "
         "within tau; none = no stored item within tau; tau = half the mean distance between a stored item and its "
         "nearest other item of the episode (distances: fraction of differing pixels, end point thresholded at "
@@ -676,7 +692,7 @@ def attractors(
         steps = list(range(iters + 1))
         run_colour: dict[str, str] = {}
         for k, cur in curves.items():
-            ls = "-" if k.endswith("mean") else "--"
+            ls = {"mean": "-", "threshold": "--"}.get(k.rsplit("=", 1)[-1], ":")
             col = run_colour.setdefault(k.rsplit(", feedback=", 1)[0], f"C{len(run_colour)}")
             ax[0, 1].plot(steps, cur["dist_own"], ls, color=col, label=k)
             ax[1, 1].plot(steps, cur["read_nll"], ls, color=col, label=k)
@@ -1191,6 +1207,8 @@ def main(args: Any) -> None:
         kw["episodes"] = args.episodes
     if args.iters is not None and args.study in ("capacity", "attractors", "oneshot"):
         kw["iters"] = args.iters
+    if args.study == "attractors":
+        kw["feedbacks"] = tuple(f.strip() for f in str(getattr(args, "feedback", "mean,threshold")).split(","))
     if args.study == "oneshot":
         kw["samples"] = args.samples
     if args.study == "allocation":

@@ -140,8 +140,8 @@ def test_every_study_runs_on_tiny_models(tmp_path):
     assert len(res.rows) == 2 * 3 * 12 and res.png.exists()  # T x cue x (query, 5 models, 4 prior memories, 2 w^T M)
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["pixel_error"] <= 1 for r in res.rows)
     assert any(r["model"] == "vae (no memory)" for r in res.rows)
-    res = study.attractors(mem, T=4, episodes=2, iters=2)  # figures cost seconds each: one (capacity) is drawn here
-    assert len(res.rows) == 4 * 2
+    res = study.attractors(mem, T=4, episodes=2, iters=2, feedbacks=("mean", "threshold", "sample"))  # no figure
+    assert len(res.rows) == 4 * 3
     for r in res.rows:
         assert r["own"] + r["other"] + r["none"] == pytest.approx(1.0)
     assert not any(r["energy_first"] != r["energy_first"] for r in res.rows if r["run"] == "dkm")  # DKM has one
@@ -179,6 +179,8 @@ def test_bad_input_is_one_study_error():
         study.capacity([km], Ts=(8, 200), episodes=1)
     with pytest.raises(StudyError, match=r"\[0, 1\]"):
         study.capacity([km], Ts=(4,), episodes=1, noise=1.5)
+    with pytest.raises(StudyError, match="each must be one of mean, threshold, sample"):
+        study.attractors([km], T=4, episodes=1, feedbacks=("bogus",))
     with pytest.raises(StudyError, match="single memory"):
         study.allocation([km])
 
