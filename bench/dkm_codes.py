@@ -18,8 +18,15 @@ T (the attractor study's: random test items, seed 0), memory written clean:
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
+
+
+def fail(msg: str) -> None:
+    """A user error: one line, exit code 2 (the project's convention)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def code_table(target: str, noise: float, episodes: int) -> dict[str, float]:
@@ -27,7 +34,7 @@ def code_table(target: str, noise: float, episodes: int) -> dict[str, float]:
 
     cfg, _, _, dm, model = load_run(target)
     if cfg.model.name != "dkm":
-        raise SystemExit(f"error: {target} is a {cfg.model.name} run; this script reads DKM's codes")
+        fail(f"{target} is a {cfg.model.name} run; this script reads DKM's codes")
     model.eval()
     dm.setup("test")
     from km.study import episodes_of
@@ -74,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [(r, code_table(r, args.noise, args.episodes)) for r in args.runs]
+    from km.runs import RunError
+
+    try:
+        rows = [(r, code_table(r, args.noise, args.episodes)) for r in args.runs]
+    except RunError as e:  # a missing or unreadable run: one line
+        fail(str(e))
     cols = list(rows[0][1])
     print(f"DKM codes: {args.episodes} MNIST test episodes, queries with {args.noise:.0%} of pixels flipped")
     print("| run | " + " | ".join(cols) + " |")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -31,10 +32,28 @@ def _fail(msg: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _saved_choices(overrides: list[str]) -> list[str]:
+    """With `resume=<run dir or checkpoint>`: the run's own group choices (model=, data=, experiment=, from
+    run.json) as overrides, so that its model's options (model.query_noise of a DKM run, say) are checked
+    against its model rather than the default one. Choices given on the command line win."""
+    from km.config import GROUPS
+    from km.overrides import split_override
+    from km.runs import read_meta
+
+    given = dict(split_override(o) for o in overrides)
+    target = Path(given.get("resume") or "")
+    if not given.get("resume") or not target.exists():
+        return []  # no resume, `auto`, or a missing path: train reports it
+    run_dir = target if target.is_dir() else target.parent.parent  # <run>/checkpoints/<file>.ckpt
+    choices = read_meta(run_dir).get("choices") or {}
+    return [f"{g}={v}" for g, v in choices.items() if g in GROUPS and g not in given and isinstance(v, str)]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from km.config import compose_config
 
-    cfg = compose_config(args.overrides)  # a bad option is refused before torch is even imported
+    # a bad option is refused before torch is even imported; a resumed run composes with its own groups
+    cfg = compose_config(_saved_choices(args.overrides) + args.overrides)
     from km.train import train
 
     summary = train(cfg, args.overrides)

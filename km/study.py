@@ -161,6 +161,12 @@ def check_noise(noise: float) -> None:
         raise StudyError(f"--noise {noise}: a corruption level (pixel flip probability) must be in [0, 1]")
 
 
+def check_feedbacks(feedbacks: tuple[str, ...]) -> None:
+    bad = [f for f in feedbacks if f not in FEEDBACKS]
+    if bad or not feedbacks:
+        raise StudyError(f"--feedback {','.join(feedbacks)}: each must be one of {', '.join(FEEDBACKS)}")
+
+
 def check_items(T: int, episodes: int, n: int) -> None:
     if T < 1 or episodes < 1:
         raise StudyError(f"T={T} and episodes={episodes} must both be >= 1")
@@ -569,9 +575,7 @@ def attractors(
     check_noise(noise)
     if iters < 1:
         raise StudyError(f"--iters {iters}: the number of iterations must be >= 1")
-    bad = [f for f in feedbacks if f not in FEEDBACKS]
-    if bad or not feedbacks:
-        raise StudyError(f"--feedback {','.join(feedbacks)}: each must be one of {', '.join(FEEDBACKS)}")
+    check_feedbacks(feedbacks)
     x_all, binary = runs[0].x_test, runs[0].binary
     x, _ = episodes_of(x_all, T, episodes, seed)
     cues = corrupt_cues(x, "flip", noise, binary, seed + 1)
@@ -1207,8 +1211,9 @@ def main(args: Any) -> None:
         kw["episodes"] = args.episodes
     if args.iters is not None and args.study in ("capacity", "attractors", "oneshot"):
         kw["iters"] = args.iters
-    if args.study == "attractors":
+    if args.study == "attractors":  # checked here too, before any run is loaded
         kw["feedbacks"] = tuple(f.strip() for f in str(getattr(args, "feedback", "mean,threshold")).split(","))
+        check_feedbacks(kw["feedbacks"])
     if args.study == "oneshot":
         kw["samples"] = args.samples
     if args.study == "allocation":

@@ -181,3 +181,22 @@ def test_dkm_solver_choices_are_the_memory_solvers() -> None:
     from km.schema import Solver
 
     assert sorted(s.value for s in Solver) == sorted(SOLVERS)
+
+
+def test_a_resumed_run_checks_options_against_its_own_model(tmp_path: Path) -> None:
+    """`km train resume=<dkm run> model.query_noise=...` composes with the run's groups (run.json choices), so a
+    DKM option is judged as a DKM option (then refused as a change by train), not as unknown to the default VAE."""
+    import json
+
+    from km.cli import _saved_choices
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"choices": {"model": "dkm", "data": "mnist"}}))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+    assert _saved_choices([f"resume={run}", "model.query_noise=0.3"]) == ["model=dkm", "data=mnist"]
+    assert _saved_choices([f"resume={ckpt}", "data=omniglot"]) == ["model=dkm"]  # the command line wins
+    assert _saved_choices(["resume=auto"]) == [] and _saved_choices(["model=km"]) == []
+    cfg = compose_config([*_saved_choices([f"resume={run}"]), f"resume={run}", "model.query_noise=0.3"])
+    assert cfg.model.name == "dkm" and cfg.model.query_noise == 0.3
