@@ -162,6 +162,7 @@ class PKMConfig(KMConfig):
 
 Solver = Choice("Solver", {"ridge": "ridge", "official": "official"})  # km.memory.dynamic.SOLVERS
 MemoryKL = Choice("MemoryKL", {"closed": "closed", "steps": "steps"})
+QueryFeedback = Choice("QueryFeedback", {"mean": "mean", "threshold": "threshold"})
 
 
 @dataclass
@@ -182,6 +183,7 @@ class DKMConfig(ModelConfig):
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
     query_noise: float = 0.0  # training only: fraction of each read query's pixels flipped (binary data; target clean)
     query_reads: int = 1  # training only: reads unrolled, each from the last read's mean image; the loss averages them
+    query_feedback: QueryFeedback = QueryFeedback.mean  # what read k feeds read k + 1: mean image | threshold (0.5, detached)
 
     def check(self) -> None:
         super().check()

@@ -121,6 +121,31 @@ def test_query_reads_average_the_bounds_of_the_unrolled_reads() -> None:
         assert torch.equal(a, two.episode_elbo(x).neg_elbo)
 
 
+def test_query_feedback_threshold_feeds_the_next_read_the_thresholded_mean_image() -> None:
+    """model.query_feedback=threshold: read 2 addresses the memory with read 1's mean image thresholded at 0.5 (by
+    hand below), which differs from the mean-image feedback; the thresholded query carries no gradient."""
+    x = episodes().double()
+    mean, thr = (small_dkm(sample=False, query_reads=2, query_feedback=f).double() for f in ("mean", "threshold"))
+    with torch.no_grad():  # centre the untrained decoder's output on 0.5, so that thresholding splits the image
+        M = mean.write(x).R
+        logits = mean.decode_codes(mean.memory.address(M, mean.embed(x)) @ M)
+        [*_, out_bias] = (p for n, p in mean.named_parameters() if n.startswith("decoder") and n.endswith("bias"))
+        out_bias -= logits.median()
+    thr.load_state_dict(mean.state_dict())
+    loss_mean, loss_thr = mean.episode_elbo(x).loss, thr.episode_elbo(x)
+    with torch.no_grad():
+        M = thr.write(x).R
+        read1 = thr.decode_codes(thr.memory.address(M, thr.embed(x)) @ M)
+        query = (thr.mean_image(read1) > 0.5).double()
+        assert 0 < query.mean() < 1  # a real binary image, not all one value
+        mu2 = thr.memory.address(M, thr.embed(query))
+        bound2 = -thr.log_px(thr.decode_codes(mu2 @ M), x).mean(1) + thr.memory.kl_w(mu2).mean(1)
+    bound1 = loss_thr.recon + loss_thr.parts["kl_w"]
+    want = ((bound1 + bound2) / 2 + loss_thr.parts["kl_M"] + loss_thr.extras["ae_recon"]).mean()
+    assert loss_thr.loss.item() == pytest.approx(want.item(), rel=1e-10)
+    assert abs(loss_thr.loss.item() - loss_mean.item()) > 1e-6
+
+
 def test_one_sample_importance_weight_is_the_bound_in_expectation() -> None:
     assert_is_estimate_consistent_with_bound(small_dkm().double().eval(), episodes(b=2, t=3).double())
 

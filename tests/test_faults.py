@@ -78,6 +78,8 @@ def _bad_invocations(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (t("model.query_noise=1.0", model="dkm"), "model.query_noise"),
         (t("model.query_reads=0", model="dkm"), "model.query_reads"),
         (t("model.query_noise=0.1", model="dkm", data="cifar10"), "unless the data are binary"),
+        (t("model.query_feedback=threshold", model="dkm", data="cifar10"), "unless the data are binary"),
+        (t("model.query_feedback=sample", model="dkm"), "model.query_feedback"),
         (t("model.machines=0", model="pkm"), "model.machines"),
         (t("model.memory_size=30", model="pkm"), "a multiple of model.machines"),
         (t("model.top_k=9", model="pkm"), "model.top_k"),

@@ -33,7 +33,10 @@ draw of the corruption; what changes is that a read can only restore x_t from wh
 the basin an attractor needs. Validation and test use clean queries (the reported numbers are unchanged).
 `query_reads: n` (also training only) unrolls the dynamics: read k + 1 addresses the memory with the mean image
 of read k, and the training loss averages the n reads' bounds (an average of bounds is a bound), so a stored
-item is trained to be a fixed point of the read, not only the target of the first one.
+item is trained to be a fixed point of the read, not only the target of the first one. `query_feedback: threshold`
+feeds read k + 1 the mean image of read k thresholded at 0.5 instead (binary data; the query is then a constant,
+no gradient through it): the query the thresholded dynamics of `km study attractors` use, so the unrolled reads
+are trained on the chain's own errors, as query_noise trains the first read on random flips.
 
 Attractor dynamics (test time only, never unrolled in training):
     x -> z = e(x) -> mu_w = solve(R, z) -> mu_w^T R -> decode -> mean image -> repeat.
@@ -77,6 +80,8 @@ class DynamicKanervaMachine(EpisodeModel):
             raise ConfigError(
                 f"bad value for 'model.query_noise': {cfg.query_noise} (must be 0 unless the data are binary)"
             )
+        if cfg.query_feedback == "threshold" and likelihood != "bernoulli":
+            raise ConfigError("bad value for 'model.query_feedback': threshold (must be mean unless the data are binary)")
 
     # ---- pieces --------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +134,16 @@ class DynamicKanervaMachine(EpisodeModel):
         self, read: torch.Tensor, M: torch.Tensor, x: torch.Tensor, sample: bool
     ) -> torch.Tensor | None:
         """Mean over reads 2..query_reads of recon + KL(w) (B,), each read addressed with the previous read's mean
-        image (the attractor dynamics, unrolled in training); None with one read."""
+        image, or that image thresholded at 0.5 (query_feedback; the attractor dynamics, unrolled in training);
+        None with one read."""
         if self.cfg.query_reads <= 1:
             return None
         terms = []
         for _ in range(self.cfg.query_reads - 1):
-            mu_w = self.memory.address(M, self.embed(self.mean_image(read)))
+            query = self.mean_image(read)  # (B, T, C, H, W)
+            if self.cfg.query_feedback == "threshold":
+                query = (query > 0.5).to(query.dtype)  # piecewise constant: no gradient flows through it
+            mu_w = self.memory.address(M, self.embed(query))
             w = self.memory.sample_w(mu_w) if sample else mu_w
             read = self.decode_codes(w @ M)
             terms.append(-self.log_px(read, x).mean(1) + self.memory.kl_w(mu_w).mean(1))
