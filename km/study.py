@@ -550,6 +550,15 @@ def classify_end_points(points: Tensor, items: Tensor, binary: bool = True) -> d
     }
 
 
+def still_moving(before: Tensor, after: Tensor, binary: bool = True) -> Tensor:
+    """(E, T) bool: did the chain's point change in its last read? Binary: any pixel differs after thresholding
+    at 0.5 (a thresholded chain that did not move is an exact fixed point of the dynamics); 8-bit: the mean
+    |change| per pixel is at least 1e-3."""
+    if binary:
+        return ((before > 0.5) != (after > 0.5)).flatten(2).any(-1)
+    return (before - after).abs().flatten(2).mean(-1) >= 1e-3
+
+
 @torch.no_grad()
 def read_nll(model: Any, x: Tensor, memory: Any) -> float:
     """Energy proxy for models without an energy: -ln p(x | one read of x from the memory), nats/image."""
@@ -598,14 +607,17 @@ def attractors(
                 if hasattr(r.model, "energy"):
                     cur["energy"].append(r.model.energy(pt, memory).mean().item())
             end = classify_end_points(chain[-1], x, binary)
-            clean = classify_end_points(iterate_reads(r.model, x, memory, iters, fb)[-1], x, binary)
+            clean_chain = iterate_reads(r.model, x, memory, iters, fb)
+            clean = classify_end_points(clean_chain[-1], x, binary)
             rows.append(
                 {
                     "run": r.label,
                     "feedback": fb,
                     **{k: end[k] for k in ("own", "other", "none", "nearest_own", "dist_own", "spread", "tau")},
+                    "converged": 1 - still_moving(chain[-2], chain[-1], binary).float().mean().item(),
                     "clean_start_own": clean["own"],
                     "clean_start_dist_own": clean["dist_own"],
+                    "clean_start_dist_1": classify_end_points(clean_chain[1], x, binary)["dist_own"],
                     "energy_first": cur["energy"][0] if cur["energy"] else float("nan"),
                     "energy_last": cur["energy"][-1] if cur["energy"] else float("nan"),
                     "energy_monotone": (
@@ -627,8 +639,12 @@ def attractors(
         "End point classes (fractions of chains): own / other = nearest stored item is its own / another one and "
         "within tau; none = no stored item within tau; tau = half the mean distance between a stored item and its "
         "nearest other item of the episode (distances: fraction of differing pixels, end point thresholded at "
-        "0.5). dist to own: mean distance of the chain's point to its own stored item after 1 read and at the end. spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
-        "clean start: the same chains started from the clean items. energy: DKM's own (-ELBO of the query at the "
+        "0.5). dist to own: mean distance of the chain's point to its own stored item after 1 read and at the end. "
+        "spread: mean pairwise distance of the end points / of the stored items (< 1: chains merged). "
+        "converged: fraction of chains whose point (thresholded at 0.5) did not change in the last read, i.e. that "
+        "sit on a fixed point of the dynamics. "
+        "clean start: the same chains started from the clean items (dist 1 read: how far one read puts a stored "
+        "item from itself, about the nearest a fixed point can be). energy: DKM's own (-ELBO of the query at the "
         "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
         f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
         f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Every chain ending on the all-black image would score own "
@@ -645,7 +661,9 @@ def attractors(
         "dist to own: 1 read",
         "dist to own",
         "spread",
+        "converged",
         "clean start: own",
+        "clean start: dist 1 read",
         "clean start: dist",
         "energy step 0 -> n",
         "read NLL step 0 -> n",
@@ -661,7 +679,9 @@ def attractors(
             w["dist_own_by_step"][1],
             w["dist_own"],
             w["spread"],
+            w["converged"],
             w["clean_start_own"],
+            w["clean_start_dist_1"],
             w["clean_start_dist_own"],
             "-"
             if math.isnan(w["energy_first"])

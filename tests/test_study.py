@@ -42,6 +42,10 @@ class _Lookup:
     def mean_image(self, p):
         return p
 
+    def log_px(self, p, x):  # Bernoulli log-likelihood (E, T), for the attractor study's energy proxy
+        p = p.clamp(1e-4, 1 - 1e-4)
+        return (x * p.log() + (1 - x) * (1 - p).log()).flatten(2).sum(-1)
+
 
 def _run(model, label: str, x=None, y=None) -> StudyRun:
     if x is None:
@@ -81,6 +85,22 @@ def test_end_point_classes():
     assert study.classify_end_points(torch.zeros_like(items) + 0.9, items)["none"] == 1.0
     collapsed = study.classify_end_points(items[:, :1].expand_as(items), items)  # every chain on item 0
     assert collapsed["spread"] == 0.0 and abs(collapsed["own"] - 1 / 8) < 1e-6
+
+
+def test_attractors_of_an_exact_memory_end_at_their_own_items_on_fixed_points():
+    """A memory whose read is the nearest stored item: every chain from a 15%-flipped query ends at its own item
+    (own 1), converged (no pixel moves on the last read), and a stored item reads back as itself; a shuffled
+    memory's chains keep moving and end at their own item at about chance."""
+    x, y = _images(8 * 16)
+    exact = study.attractors([_run(_Lookup("nearest"), "exact", x, y)], T=16, episodes=8, iters=3).rows
+    for r in exact:
+        assert r["own"] == 1.0 and r["converged"] == 1.0 and r["clean_start_dist_1"] == 0.0, r["feedback"]
+    torch.manual_seed(0)
+    shuffled = study.attractors([_run(_Lookup("shuffled"), "shuffled", x, y)], T=16, episodes=8, iters=3).rows
+    for r in shuffled:
+        assert r["own"] < 0.2 and r["converged"] < 0.2, r["feedback"]
+    assert study.still_moving(x[:4, None], x[:4, None]).sum() == 0
+    assert study.still_moving(x[:4, None], 1 - x[:4, None]).all()
 
 
 def test_clustering_scores_and_sparsity():
