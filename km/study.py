@@ -129,10 +129,20 @@ def load_runs(targets: list[str]) -> list[StudyRun]:
                 run_dir=run_dir,
             )
         )
+    return distinct_labels(runs)
+
+
+def distinct_labels(runs: list[StudyRun]) -> list[StudyRun]:
+    """Runs of one config are told apart by their run id ('dkm [dkm_mnist_qn15]'), checkpoints of one run by
+    their step ('... @ step 920')."""
     labels = [r.label for r in runs]
-    for _i, r in enumerate(runs):  # same config twice: tell them apart by run id
+    for r in runs:
         if labels.count(r.label) > 1 and r.run_dir is not None:
             r.label = f"{r.label} [{r.run_dir.name}]"
+    labels = [r.label for r in runs]
+    for r in runs:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} @ step {r.steps}"
     return runs
 
 

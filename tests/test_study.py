@@ -103,6 +103,26 @@ def test_attractors_of_an_exact_memory_end_at_their_own_items_on_fixed_points():
     assert study.still_moving(x[:4, None], 1 - x[:4, None]).all()
 
 
+def test_runs_of_one_config_and_checkpoints_of_one_run_get_distinct_labels(tmp_path):
+    from pathlib import Path
+
+    def r(run: str, steps: int) -> StudyRun:
+        return StudyRun(
+            label="dkm",
+            model=None,
+            x_test=None,
+            y_test=None,
+            data="toy",
+            memory="-",
+            steps=steps,
+            run_dir=Path(tmp_path / run),
+        )
+
+    runs = study.distinct_labels([r("a", 400), r("b", 400), r("b", 920), r("c", 10)])
+    assert [x.label for x in runs] == ["dkm [a]", "dkm [b] @ step 400", "dkm [b] @ step 920", "dkm [c]"]
+    assert study.distinct_labels([r("a", 400)])[0].label == "dkm"
+
+
 def test_clustering_scores_and_sparsity():
     labels = torch.arange(400) % 5
     s = study.clustering_scores(labels.numpy(), labels.numpy(), shuffles=5)
