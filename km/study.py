@@ -619,6 +619,7 @@ def attractors(
             end = classify_end_points(chain[-1], x, binary)
             clean_chain = iterate_reads(r.model, x, memory, iters, fb)
             clean = classify_end_points(clean_chain[-1], x, binary)
+            empty = classify_end_points(iterate_reads(r.model, cues, None, iters, fb)[-1], x, binary)  # prior memory
             rows.append(
                 {
                     "run": r.label,
@@ -628,6 +629,9 @@ def attractors(
                     "clean_start_own": clean["own"],
                     "clean_start_dist_own": clean["dist_own"],
                     "clean_start_dist_1": classify_end_points(clean_chain[1], x, binary)["dist_own"],
+                    "prior_own": empty["own"],
+                    "prior_nearest_own": empty["nearest_own"],
+                    "prior_dist_own": empty["dist_own"],
                     "energy_first": cur["energy"][0] if cur["energy"] else float("nan"),
                     "energy_last": cur["energy"][-1] if cur["energy"] else float("nan"),
                     "energy_monotone": (
@@ -654,7 +658,8 @@ def attractors(
         "converged: fraction of chains whose point (thresholded at 0.5) did not change in the last read, i.e. that "
         "sit on a fixed point of the dynamics. "
         "clean start: the same chains started from the clean items (dist 1 read: how far one read puts a stored "
-        "item from itself, about the nearest a fixed point can be). energy: DKM's own (-ELBO of the query at the "
+        "item from itself, about the nearest a fixed point can be). prior memory: the same noisy chains reading from the "
+        "model's prior memory, nothing written (what the chains do without the stored items). energy: DKM's own (-ELBO of the query at the "
         "means, nats/image); read NLL: -ln p(x | read(x)), nats/image, the proxy for every model. "
         f"The corrupted queries themselves: own {start['own']:.3f}, none {start['none']:.3f}, distance to own "
         f"{start['dist_own']:.3f}, tau {start['tau']:.3f}. Every chain ending on the all-black image would score own "
@@ -675,6 +680,7 @@ def attractors(
         "clean start: own",
         "clean start: dist 1 read",
         "clean start: dist",
+        "prior memory: own / nearest is own / dist",
         "energy step 0 -> n",
         "read NLL step 0 -> n",
     ]
@@ -693,6 +699,7 @@ def attractors(
             w["clean_start_own"],
             w["clean_start_dist_1"],
             w["clean_start_dist_own"],
+            f"{w['prior_own']:.3f} / {w['prior_nearest_own']:.3f} / {w['prior_dist_own']:.3f}",
             "-"
             if math.isnan(w["energy_first"])
             else f"{w['energy_first']:.1f} -> {w['energy_last']:.1f}"

@@ -95,6 +95,7 @@ def test_attractors_of_an_exact_memory_end_at_their_own_items_on_fixed_points():
     exact = study.attractors([_run(_Lookup("nearest"), "exact", x, y)], T=16, episodes=8, iters=3).rows
     for r in exact:
         assert r["own"] == 1.0 and r["converged"] == 1.0 and r["clean_start_dist_1"] == 0.0, r["feedback"]
+        assert r["prior_nearest_own"] == 1.0  # nothing written: the lookup returns the cue, nearest its own item
     torch.manual_seed(0)
     shuffled = study.attractors([_run(_Lookup("shuffled"), "shuffled", x, y)], T=16, episodes=8, iters=3).rows
     for r in shuffled:
