@@ -516,7 +516,7 @@ def _savefig(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # long row labels stay inside the picture
     plt.close(fig)
     from PIL import Image
 
@@ -712,7 +712,9 @@ def attractors(
     if out is not None:
         plt = _plt()
         fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-        labels = [*curves, "reference: every chain on\nthe all-black image"]
+        labels = [k.replace(", feedback=", "\nfeedback=") for k in curves] + [
+            "reference: every chain on\nthe all-black image"
+        ]
         own = [w["own"] for w in rows] + [black["own"]]
         other = [w["other"] for w in rows] + [black["other"]]
         none = [w["none"] for w in rows] + [black["none"]]
