@@ -711,7 +711,7 @@ def attractors(
     res = StudyResult("attractors", data, header, md_table(cols, trows), rows)
     if out is not None:
         plt = _plt()
-        fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+        fig, ax = plt.subplots(2, 2, figsize=(13, max(9.0, 0.8 * (len(curves) + 1))))  # room for two-line bar labels
         labels = [k.replace(", feedback=", "\nfeedback=") for k in curves] + [
             "reference: every chain on\nthe all-black image"
         ]
