@@ -183,7 +183,7 @@ class DKMConfig(ModelConfig):
     ae_weight: float = 1.0  # weight of the autoencoder term in the training loss (not in the bound)
     query_noise: float = 0.0  # training only: fraction of each read query's pixels flipped (binary data; target clean)
     query_reads: int = 1  # training only: reads unrolled, each from the last read's mean image; the loss averages them
-    query_feedback: QueryFeedback = QueryFeedback.mean  # what read k feeds read k + 1: mean image | threshold (0.5, detached)
+    query_feedback: QueryFeedback = QueryFeedback.mean  # unrolled reads fed: mean image | threshold (0.5, no grad)
 
     def check(self) -> None:
         super().check()

@@ -81,7 +81,9 @@ class DynamicKanervaMachine(EpisodeModel):
                 f"bad value for 'model.query_noise': {cfg.query_noise} (must be 0 unless the data are binary)"
             )
         if cfg.query_feedback == "threshold" and likelihood != "bernoulli":
-            raise ConfigError("bad value for 'model.query_feedback': threshold (must be mean unless the data are binary)")
+            raise ConfigError(
+                "bad value for 'model.query_feedback': threshold (must be mean unless the data are binary)"
+            )
 
     # ---- pieces --------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
