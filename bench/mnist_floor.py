@@ -1,6 +1,6 @@
 """How near can a smooth model's read come to a binarised MNIST digit? The binarisation noise floor.
 
-    python bench/mnist_floor.py [--data DIR]     # DIR: KM_DATA_DIR (the raw grey MNIST test set is read)
+    python bench/mnist_floor.py [--data DIR]     # default: KM_DATA_DIR (the raw grey MNIST test set is read)
 
 Binarised MNIST (Larochelle & Murray) draws every pixel of a grey MNIST digit g as Bernoulli(g). A model that
 gives back the ideal digit, g thresholded at 0.5, still differs from the binarised item in the pixels the draw
@@ -15,26 +15,29 @@ read at 0.5 and counts differing pixels). Printed for the grey MNIST test set (1
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
+
+from datamodules.mnist import read_idx
+from datamodules.paths import DataError, resolve_data_dir
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=os.environ.get("KM_DATA_DIR", "data"), help="data root (holds MNIST/raw)")
+    p.add_argument("--data", default=None, help="data root holding MNIST/raw (default: KM_DATA_DIR, ../shared/data)")
     a = p.parse_args()
-    f = Path(a.data) / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    try:
+        f = resolve_data_dir(a.data) / "MNIST/raw/t10k-images-idx3-ubyte.gz"
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not f.is_file():
         print(
             f"error: {f} not found (the grey MNIST test set; point --data or KM_DATA_DIR at the data)", file=sys.stderr
         )
         raise SystemExit(2)
-    with gzip.open(f, "rb") as fh:
-        g = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 784) / 255.0
+    g = read_idx(f).reshape(-1, 784) / 255.0
     print(f"grey MNIST test digits: {len(g)}")
     print(f"floor (binarised digit vs ideal digit, fraction of pixels): {np.minimum(g, 1 - g).mean():.4f}")
     print(f"two draws of one digit differ by (fraction of pixels):      {(2 * g * (1 - g)).mean():.4f}")
