@@ -60,6 +60,16 @@ def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], likelihood: 
     model.km_config = to_dict(cfg)
     model.is_samples = cfg.eval.is_samples
     model.heldout_targets = cfg.eval.heldout_targets
+    if cfg.trainer.compile:
+        from km.compiling import known_backends
+
+        backends = known_backends()
+        if cfg.trainer.compile_backend not in backends:
+            raise ConfigError(
+                f"bad value for 'trainer.compile_backend': {cfg.trainer.compile_backend} "
+                f"(torch.compile knows: {', '.join(backends)})"
+            )
+        model.compile_steps(str(cfg.trainer.compile_backend))
     return model
 
 

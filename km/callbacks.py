@@ -248,3 +248,49 @@ class EpochSummary(pl.Callback):
             flush=True,
         )
         self.t0 = time.time()
+
+
+STOP_AT_ENV = "KM_STOP_AT"
+
+
+class StopAt(pl.Callback):
+    """Stop training cleanly at an epoch end before a wall-clock deadline (`KM_STOP_AT`: unix seconds), so a
+    time-sliced job (`km campaign`) ends its slice with a checkpoint of its last epoch and nothing half done.
+
+    After each epoch (validation included) it predicts the next epoch's end from the longest epoch so far, with
+    a `margin` (1.2: epochs vary by up to 15% on a loaded machine), and stops when that would pass the deadline.
+    The stop happens before the epoch's checkpoints are written (Lightning runs checkpoint callbacks last), so
+    `last.ckpt` holds the epoch just finished: resuming continues as after a kill at that epoch end, exactly.
+    The deadline is an environment variable, not a config key: it belongs to one slice, and a run resumed by
+    hand later must not inherit it from config.yaml."""
+
+    def __init__(self, deadline: float | None, margin: float = 1.2, clock: Any = time.time) -> None:
+        self.deadline = deadline
+        self.margin = margin
+        self.clock = clock
+        self.longest = 0.0
+        self.stopped_after_epoch: int | None = None  # 1-based epoch after which the slice stopped
+        self._t0: float | None = None
+
+    @classmethod
+    def from_env(cls) -> StopAt:
+        import os
+
+        v = os.environ.get(STOP_AT_ENV)
+        return cls(float(v) if v else None)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = self.clock()
+
+    def should_stop(self, now: float, epoch_s: float) -> bool:
+        self.longest = max(self.longest, epoch_s)
+        return self.deadline is not None and now + self.margin * self.longest > self.deadline
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._t0 is None:
+            return
+        now = self.clock()
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if self.should_stop(now, now - self._t0) and not last_epoch:
+            trainer.should_stop = True
+            self.stopped_after_epoch = trainer.current_epoch + 1

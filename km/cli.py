@@ -9,6 +9,7 @@
     km data check [NAME...]            verify the local data files (md5)
     km data download NAME [--dir D]    fetch official files (needs internet) into the local layout
     km config [overrides...]           print the resolved config
+    km campaign FILE [--budget-s 540] [--procs N|auto] [--smoke]   paper budgets on one GPU, in time slices
     km denoise <run> [--noise 0.15] [--iters 5]   iterative reading of corrupted test items (PNG chain)
     km attract ...                     the same (DKM's attractor dynamics; prints the energy per step)
     km sample <run> [--iters 3]        one-shot samples from a written test episode (+ addressing heatmap)
@@ -58,6 +59,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     summary = train(cfg, args.overrides)
     if "rank" in summary:  # DDP worker process: rank 0 prints
+        return
+    if "paused" in summary:  # a time slice (KM_STOP_AT, set by km campaign) ended at an epoch end
+        print(
+            f"paused after epoch {summary['paused']} of {summary['max_epochs']} at the time limit; "
+            f"continue with: km train resume={summary['run_dir']}"
+        )
         return
     ev = summary.get("eval")
     print(f"run: {summary['run_dir']}")
@@ -158,6 +165,15 @@ def cmd_study(args: argparse.Namespace) -> None:
     try:
         main(args)
     except StudyError as e:
+        _fail(str(e))
+
+
+def cmd_campaign(args: argparse.Namespace) -> None:
+    from km.campaign import CampaignError, main
+
+    try:
+        main(args)
+    except CampaignError as e:
         _fail(str(e))
 
 
@@ -275,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare runs: markdown/CSV tables, learning curves, NLL bars")
     compare.add_arguments(cp)
     cp.set_defaults(func=compare.main)
+    cm = sub.add_parser("campaign", help="train a list of experiments to full budget on one GPU, in time slices")
+    from km import campaign
+
+    campaign.add_arguments(cm)
+    cm.set_defaults(func=cmd_campaign)
     d = sub.add_parser("data", help="check or download data sets")
     d.add_argument("action", choices=["check", "download"])
     d.add_argument("names", nargs="*")

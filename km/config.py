@@ -74,6 +74,8 @@ class TrainerConfig:
     )  # auto (rich on a terminal, one line per epoch otherwise) | rich | none
     num_threads: int | None = None  # torch CPU threads; None: torch's default
     progress_interval: float = 30.0  # seconds between progress lines when no bar is drawn (log files, batch jobs)
+    compile: bool = False  # torch.compile of the model's training and evaluation step (km/compiling.py)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: the suite's cheap CPU check)
 
 
 @dataclass

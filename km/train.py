@@ -33,6 +33,7 @@ from km.callbacks import (
     ProgressLines,
     RichEpochBar,
     SampleGrid,
+    StopAt,
     seed_all,
 )
 from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
@@ -119,6 +120,8 @@ RESUMABLE = (
     "trainer.devices",
     "trainer.strategy",
     "trainer.num_nodes",
+    "trainer.compile",
+    "trainer.compile_backend",
     "logger.",
     "eval.",
     "model.lr",
@@ -326,11 +329,27 @@ def _train(
     except BaseException:
         _finish_wandb(trainer, failed=True)
         raise
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopAt))
     if rank_zero:  # wall time of training, summed over resumes (a killed attempt's time is not counted)
-        spent = float(read_meta(run_dir).get("train_seconds") or 0.0)
-        write_meta(run_dir, train_seconds=round(spent + time.time() - t_fit, 1), steps=trainer.global_step)
+        meta = read_meta(run_dir)
+        spent = float(meta.get("train_seconds") or 0.0)
+        epoch_s = max(stop.longest, float(meta.get("epoch_seconds") or 0.0)) or None
+        write_meta(
+            run_dir,
+            train_seconds=round(spent + time.time() - t_fit, 1),
+            steps=trainer.global_step,
+            epoch_seconds=round(epoch_s, 2) if epoch_s else None,
+        )
     if not trainer.is_global_zero:  # a DDP worker: rank 0 evaluates and reports
         return {"run_dir": str(run_dir), "rank": trainer.global_rank}
+    if stop.stopped_after_epoch is not None:  # a time slice ended (KM_STOP_AT): resumable, not finished
+        _finish_wandb(trainer)
+        write_meta(run_dir, status="paused", error=None, paused_after_epoch=stop.stopped_after_epoch)
+        return {
+            "run_dir": str(run_dir),
+            "paused": stop.stopped_after_epoch,
+            "max_epochs": cfg.trainer.max_epochs,
+        }
     summary: dict[str, Any] = {"run_dir": str(run_dir), "samples": str(grid.last_path) if grid.last_path else None}
     summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.test_after_fit and trainer.is_global_zero:
@@ -412,6 +431,7 @@ def make_trainer(
         ),
         EpochSeed(cfg.seed),
         grid,
+        StopAt.from_env(),
     ]
     bar = str(t.progress_bar) if t.progress_bar != "auto" else ("rich" if sys.stderr.isatty() else "none")
     if bar == "rich":

@@ -76,6 +76,10 @@ class EpisodeModel(pl.LightningModule):
         self.is_samples = 100  # set by the evaluation config
         self.heldout_targets: int | None = None  # n targets of the held-out protocol; None: T // 4
         self.km_config: dict[str, Any] | None = None  # full resolved run config, saved in checkpoints
+        # trainer.compile: the compiled bound and IS estimate (km/compiling.py); None: eager
+        self._elbo_step: Any = None
+        self._is_step: Any = None
+        self._backward_probed = False
 
     # ---- the interface --------------------------------------------------------------------
     def episode_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
@@ -105,6 +109,24 @@ class EpisodeModel(pl.LightningModule):
         """(B,) importance-sampled ln p(X) / T (targets = 0), or ln p(x_targets | X_context) / n with the
         memory written from the context only (targets = n)."""
         raise NotImplementedError
+
+    # ---- trainer.compile ------------------------------------------------------------------
+    def compile_steps(self, backend: str = "inductor") -> None:
+        """Compile the training and evaluation step (`episode_elbo`, `log_likelihood_is`) with
+        `torch.compile`; a compiler failure falls back to eager with one warning (km/compiling.py)."""
+        from km.compiling import CompiledOrEager, disable_layout_optimization
+
+        disable_layout_optimization()
+        name = type(self).__name__
+        self._elbo_step = CompiledOrEager(self.episode_elbo, backend, f"{name}.episode_elbo")
+        self._is_step = CompiledOrEager(self.log_likelihood_is, backend, f"{name}.log_likelihood_is")
+
+    def step_elbo(self, x: torch.Tensor, targets: int = 0) -> EpisodeOutput:
+        """`episode_elbo` as the loop runs it: compiled under trainer.compile, else eager."""
+        return (self._elbo_step or self.episode_elbo)(x, targets=targets)
+
+    def step_log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
+        return (self._is_step or self.log_likelihood_is)(x, samples, targets=targets)
 
     # ---- helpers shared by models ---------------------------------------------------------
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,16 +235,17 @@ class EpisodeModel(pl.LightningModule):
         """The three protocols on one batch of episodes: joint (every item, every KL), memory-conditional
         (the same pass, KL(M) left out) and held-out (memory from the context, the n targets scored)."""
         B, T = x.shape[:2]
-        out = self.episode_elbo(x)
+        out = self.step_elbo(x)
         self._log_terms(split, out, B)
         self._log_value(f"{split}/memory_conditional", self.protocol_values(out)["memory_conditional"], B)
         n = self.heldout_n(T)
         if n:
-            self._log_terms(split, self.episode_elbo(x, targets=n), B, prefix="heldout")
+            self._log_terms(split, self.step_elbo(x, targets=n), B, prefix="heldout")
         if is_samples > 0:
-            self._log_value(f"{split}/nll_is{is_samples}", -self.log_likelihood_is(x, is_samples), B)
+            self._log_value(f"{split}/nll_is{is_samples}", -self.step_log_likelihood_is(x, is_samples), B)
             if n:
-                self._log_value(f"{split}/heldout_nll_is{is_samples}", -self.log_likelihood_is(x, is_samples, n), B)
+                nll = -self.step_log_likelihood_is(x, is_samples, n)
+                self._log_value(f"{split}/heldout_nll_is{is_samples}", nll, B)
 
     def _diverged(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(
@@ -232,10 +255,15 @@ class EpisodeModel(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch["x"]
         try:
-            out = self.episode_elbo(x)
+            if self._elbo_step is not None and not self._backward_probed:  # a compiled backward that fails: eager
+                from km.compiling import probe_backward
+
+                self._backward_probed = True
+                probe_backward(self._elbo_step, lambda: self.training_loss(self.step_elbo(x)), list(self.parameters()))
+            out = self.step_elbo(x)
+            loss = self.training_loss(out)
         except NonPositiveDefiniteError as e:  # the memory algebra diverged: the same clean stop as a NaN loss
             raise self._diverged(f"non-finite or non-positive-definite memory ({e})") from None
-        loss = self.training_loss(out)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {self.current_epoch + 1} (counting from 1), step {self.global_step}"
