@@ -240,6 +240,14 @@ def _progress(job: Job) -> str:
     return job.last_line
 
 
+def _last_log_line(log: Path) -> str:
+    try:
+        lines = [x for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "?"
+    return lines[-1].strip()[:200] if lines else "?"
+
+
 def _launch(
     c: Campaign, e: Entry, root: Path, smoke: bool, data_dir: str | None, deadline: float, last: tuple = ()
 ) -> Job:
@@ -339,6 +347,8 @@ def run_slice(
                     attempts[j.entry.name] = attempts.get(j.entry.name, 0) + 1
                     _record(root, failed_attempts=attempts)
                 err = f": {st['meta'].get('error')}" if st["meta"].get("error") else ""
+                if rc != 0 and not err:  # it never got to run.json: its log's last line says why
+                    err = f": {_last_log_line(j.log)} (log: {j.log})"
                 print(f"  {j.entry.name}: {st['status']} (exit {rc}, {time.time() - j.started:.0f} s){err}", flush=True)
             if now - last_print >= progress_s:
                 last_print = now
@@ -384,6 +394,7 @@ def table_rows(c: Campaign, root: Path) -> list[dict[str, Any]]:
                 "epochs": f"{_epochs_done(root, e)}/{cfg_epochs if cfg_epochs is not None else '?'}",
                 "steps": st["meta"].get("steps"),
                 "train_s": st["meta"].get("train_seconds"),
+                "epoch_s": st["meta"].get("epoch_seconds"),
                 "unit": ev.get("unit", ""),
                 "is": ev.get("is_samples"),
                 **{k: m.get(key) for k, key in COLUMNS},
@@ -394,7 +405,7 @@ def table_rows(c: Campaign, root: Path) -> list[dict[str, Any]]:
 
 
 def render_table(rows: list[dict[str, Any]], device: str) -> str:
-    head = ["experiment", "status", "epochs", "steps", "train s", *(k for k, _ in COLUMNS), "unit", "IS"]
+    head = ["experiment", "status", "epochs", "steps", "train s", "s/epoch", *(k for k, _ in COLUMNS), "unit", "IS"]
     lines = [
         f"Device: {device}. Test numbers of each finished run (eval.json), each column one protocol.",
         "",
@@ -412,6 +423,7 @@ def render_table(rows: list[dict[str, Any]], device: str) -> str:
                     r["epochs"],
                     str(r["steps"] if r["steps"] is not None else "-"),
                     f"{r['train_s']:.0f}" if isinstance(r["train_s"], int | float) else "-",
+                    f"{r['epoch_s']:.1f}" if isinstance(r["epoch_s"], int | float) else "-",
                     *vals,
                     r["unit"] or "-",
                     str(r["is"] if r["is"] is not None else "-"),

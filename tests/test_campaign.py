@@ -147,3 +147,26 @@ def test_no_cuda_without_smoke_is_refused(tmp_path: Path, capsys: pytest.Capture
     f.write_text("experiments: [paper_vae_omniglot]\n")
     assert "no CUDA device" in _fails(["campaign", str(f), "--dir", str(tmp_path / "d")], capsys)
     assert not (tmp_path / "d").exists()
+
+
+def test_procs_auto_keeps_the_count_with_the_most_steps_per_second(tmp_path: Path, monkeypatch) -> None:
+    import km.campaign as kc
+
+    per_trainer = {1: 10.0, 2: 7.0, 4: 2.0}  # 10, 14 and 8 steps/s in all: 2 wins
+    launched = []
+
+    def fake_launch(c, e, root, smoke, data_dir, deadline, last=()):
+        k = len(c.entries)
+        log = root / "logs" / f"{e.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"step 40/100000 (epoch 1/100000) | loss 1.0 | {per_trainer[k]:.2f}/s | ETA 1h\n")
+        launched.append((k, list(last)))
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        return kc.Job(e, proc, log, time.time())
+
+    monkeypatch.setattr(kc, "_launch", fake_launch)
+    c = kc.Campaign("t", [kc.Entry("paper_km_omniglot", "paper_km_omniglot")])
+    best, rates = kc.measure_procs(c, tmp_path, smoke=True, data_dir=None, probe_s=0.5)
+    assert best == 2 and rates == {1: 10.0, 2: 14.0, 4: 8.0}
+    assert [k for k, _ in launched] == [1, 2, 2, 4, 4, 4, 4]
+    assert all("test_after_fit=false" in last for _, last in launched)
