@@ -66,12 +66,22 @@ class SampleGrid(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.batch is None or not trainer.is_global_zero:
             return
-        path = self.out_dir / f"epoch_{trainer.current_epoch:03d}.png"
-        save_grid(pl_module, self.batch, path, self.columns)
-        self.last_path = path
+        from km.memory import NonPositiveDefiniteError
         from km.pictures import addressing_heatmap
+        from km.runs import NonFiniteLossError
 
-        heat = addressing_heatmap(pl_module, self.batch, self.out_dir / f"addressing_{trainer.current_epoch:03d}.png")
+        path = self.out_dir / f"epoch_{trainer.current_epoch:03d}.png"
+        try:  # the pictures write and sample memories too: a diverged memory is the same clean stop as a NaN loss
+            save_grid(pl_module, self.batch, path, self.columns)
+            heat = addressing_heatmap(
+                pl_module, self.batch, self.out_dir / f"addressing_{trainer.current_epoch:03d}.png"
+            )
+        except NonPositiveDefiniteError as e:
+            raise NonFiniteLossError(
+                f"non-finite or non-positive-definite memory while drawing the samples of epoch "
+                f"{trainer.current_epoch + 1} (counting from 1), step {trainer.global_step} ({e})"
+            ) from None
+        self.last_path = path
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):
                 lg.log_image(
@@ -294,3 +304,32 @@ class StopAt(pl.Callback):
         if self.should_stop(now, now - self._t0) and not last_epoch:
             trainer.should_stop = True
             self.stopped_after_epoch = trainer.current_epoch + 1
+
+
+from pytorch_lightning.callbacks import ModelCheckpoint as _LightningModelCheckpoint  # noqa: E402
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint whose saved state follows a moved or copied run. Lightning keeps the
+    checkpoint folder's absolute path in the state and, when a resumed run's folder differs, drops the best
+    score and the top-k record with a warning ("The dirpath has changed"): the moved run would then forget
+    which epoch was best. Here the saved paths are re-rooted to this run's folder (by file name) before
+    Lightning loads them, through the public `load_state_dict` hook. The class keeps Lightning's name, so the
+    callback's state key (made from the class name) reads the checkpoints of earlier runs."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+
+            def here(p: Any) -> Any:
+                return str(Path(self.dirpath) / Path(p).name) if p else p
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": here(state_dict.get("best_model_path")),
+                "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")),
+                "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)

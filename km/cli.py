@@ -60,6 +60,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     summary = train(cfg, args.overrides)
     if "rank" in summary:  # DDP worker process: rank 0 prints
         return
+    if "already_finished" in summary:
+        n = summary["already_finished"]
+        print(
+            f"{summary['run_dir']} is finished ({n} of {n} epochs, evaluated: eval.json); nothing to do. "
+            f"To train it further: km train resume={summary['run_dir']} trainer.max_epochs={2 * n}"
+        )
+        return
     if "paused" in summary:  # a time slice (KM_STOP_AT, set by km campaign) ended at an epoch end
         print(
             f"paused after epoch {summary['paused']} of {summary['max_epochs']} at the time limit; "
@@ -309,10 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     from datamodules import DataError  # these four are torch-free: a command that does not train stays fast
     from km.overrides import ConfigError
-    from km.runs import NonFiniteLossError, RunError
+    from km.runs import NonFiniteLossError, RunError, RunInterrupted
 
     try:
         args.func(args)
+    except RunInterrupted as e:
+        _fail(str(e), code=e.code)
     except (ConfigError, RunError, DataError) as e:
         _fail(str(e))
     except NonFiniteLossError as e:

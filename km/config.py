@@ -160,7 +160,10 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 # a run's name and id are directory names under runs_dir: no separators, no leading dot (no "..")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
-_PLAIN = "a plain directory name: letters, digits and _ . = + - (no '/', no leading '.')"
+MAX_NAME = 100  # a directory name (file systems take 255 bytes; a run dir's files add their own names)
+_PLAIN = (
+    f"a plain directory name of at most {MAX_NAME} characters: letters, digits and _ . = + - (no '/', no leading '.')"
+)
 
 
 def _devices_ok(v: Any) -> bool:
@@ -200,12 +203,32 @@ RANGES = {
     "trainer.progress_interval": (lambda v: v > 0, "> 0 seconds"),
     "checkpoint.save_top_k": (lambda v: v >= 1 or v == -1, ">= 1 (or -1: every epoch)"),
     "checkpoint.every_n_epochs": (lambda v: v >= 1, ">= 1"),
-    "name": (lambda v: SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
-    "run_id": (lambda v: SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
+    "name": (lambda v: len(str(v)) <= MAX_NAME and SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
+    "run_id": (lambda v: len(str(v)) <= MAX_NAME and SAFE_NAME.fullmatch(str(v)) is not None, _PLAIN),
 }
 
 
+def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first key holding a NaN or infinite number (nothing of the platform means inf: a loss weight, a
+    rate, a noise scale or a limit of inf only diverges or fails later, with advice that cannot help)."""
+    import math
+
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            return key, v
+        if isinstance(v, dict | list):
+            found = _non_finite(v, key)
+            if found:
+                return found
+    return None
+
+
 def _check_ranges(cfg: DictConfig) -> None:
+    bad = _non_finite(OmegaConf.to_container(cfg, resolve=True))
+    if bad:
+        raise ConfigError(f"bad value for '{bad[0]}': {bad[1]} (must be a finite number)")
     for key, (ok, what) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not ok(value):  # None: the option's "all" / "none" / default meaning
@@ -308,6 +331,13 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
         if isinstance(node, DictConfig):
             where = f"under '{parent}'" if parent else "at top level"
             return f"unknown config key '{key}'; valid keys {where}: {', '.join(_keys(node))}"
+    if "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e.__cause__ or e).__name__:
+        odd = [o for o in overrides if not o.isascii()]
+        what = f"'{odd[0]}'" if odd else "an override"
+        return (
+            f"cannot parse {what}: Hydra's override grammar takes ASCII only outside quotes; quote the value "
+            "(key='value'), and keep name and run_id to plain ASCII directory names"
+        )
     cause = e.__cause__ or e
     key = re.search(r"full_key: (\S+)", str(cause))
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else text

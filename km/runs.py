@@ -34,6 +34,26 @@ class NonFiniteLossError(RuntimeError):
     Raised by the training step (`km.models.base`); defined here, torch-free, for the CLI to catch."""
 
 
+class RunInterrupted(RuntimeError):
+    """A trainer stopped by SIGTERM (what schedulers and OOM reapers send) or SIGINT: the run keeps its last
+    checkpoint and is marked `interrupted` (resumable). The CLI exits 128 + the signal's number, in one line."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def interrupt_signal(e: BaseException) -> tuple[str, int] | None:
+    """(name, exit code) of the signal behind an exception out of Lightning, or None. Lightning turns SIGTERM
+    into `SIGTERMException` (a SystemExit with code 0) and SIGINT into `sys.exit(1)` raised while handling the
+    KeyboardInterrupt: both would end the process as if nothing happened."""
+    if type(e).__name__ == "SIGTERMException":
+        return "SIGTERM", 143
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return "SIGINT", 130
+    return None
+
+
 TMP_GLOB = ".*.tmp-*"  # the temp files of atomic_write: .<name>.tmp-<pid>
 
 
@@ -186,11 +206,11 @@ def write_meta(run_dir: Path, **updates: Any) -> dict[str, Any]:
     return meta
 
 
-def mark_failed(run_dir: Path, error: str) -> None:
+def mark_failed(run_dir: Path, error: str, status: str = "failed") -> None:
     """Record a failed run in run.json, even on a full disk: the atomic write needs a new file, so when it fails
     the status is written in place (run.json's own blocks are usually enough). Never raises."""
     last = last_checkpoint(run_dir)
-    updates = {"status": "failed", "error": error, "last_good_checkpoint": str(last) if last else None}
+    updates = {"status": status, "error": error, "last_good_checkpoint": str(last) if last else None}
     try:
         write_meta(run_dir, **updates)
     except OSError:
@@ -274,7 +294,7 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
     keep = [
@@ -326,10 +346,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     or unreadable (e.g. being rewritten while a sweep agent polls it). The one reader of metrics.csv."""
     path = Path(run_dir) / "metrics.csv"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    except (OSError, csv.Error):
+    except (OSError, csv.Error, UnicodeDecodeError):  # damaged from outside: no curves rather than a traceback
         return []
+
+
+def check_metrics_file(run_dir: Path) -> None:
+    """Refuse (RunError, one line) a metrics.csv that a resume could not continue: not UTF-8, not CSV, or an
+    epoch column that is not a number. Called before anything of the run is touched."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                if r.get("epoch"):
+                    float(r["epoch"])
+    except UnicodeDecodeError as e:
+        raise RunError(f"cannot resume: {path} is not UTF-8 text (byte {e.start}); restore or remove it") from None
+    except (csv.Error, ValueError) as e:
+        raise RunError(f"cannot resume: {path} is damaged ({str(e)[:80]}); restore or remove it") from None
+    except OSError as e:
+        raise RunError(f"cannot resume: {path} cannot be read ({e.strerror})") from None
 
 
 def _number(v: str | None) -> float | None:

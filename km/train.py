@@ -40,8 +40,10 @@ from km.config import apply_overrides, group_choices, to_dict, to_yaml, typed
 from km.models import EpisodeModel, NonFiniteLossError
 from km.runs import (
     RunError,
+    RunInterrupted,
     RunLock,
     atomic_write_text,
+    interrupt_signal,
     last_checkpoint,
     load_checkpoint,
     mark_failed,
@@ -191,6 +193,48 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
     return cfg, run_dir, None
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Values the schema cannot judge that Lightning would refuse with a traceback after the data loaded:
+    a GPU accelerator without a CUDA device, an unknown strategy. ConfigError, before anything is written."""
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    from km.config import ConfigError
+
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={acc} but this machine has no CUDA device; use trainer=cpu "
+            "(or trainer.accelerator=cpu, or auto)"
+        )
+    strategy = str(cfg.trainer.strategy)
+    known = ["auto", *sorted(StrategyRegistry.available_strategies())]
+    if strategy not in known:
+        raise ConfigError(f"bad value for 'trainer.strategy': {strategy} (valid: {', '.join(known)})")
+
+
+def check_monitor(cfg: DictConfig, model: EpisodeModel, dm: pl.LightningDataModule) -> None:
+    """A `checkpoint.monitor` the model never logs fails in Lightning after a whole epoch: check it first
+    against the names one validation batch logs (a forward pass with the random state restored after it)."""
+    from km.config import ConfigError
+
+    monitor = cfg.checkpoint.monitor
+    if not monitor or str(monitor).startswith("train/"):
+        return
+    batch = next(iter(dm.val_dataloader()))
+    x = batch["x"][:1] if "x" in batch else dm.get_batch("val", batch["idx"][:1])["x"]
+    with torch.random.fork_rng(), torch.no_grad():
+        was = model.training
+        model.eval()
+        names = {"memory_conditional", "heldout"}
+        out = model.episode_elbo(x)
+        terms = ["neg_elbo", "recon", "kl", *out.parts, *out.extras]
+        names |= set(terms) | {f"heldout_{k}" for k in terms if k != "neg_elbo"}
+        model.train(was)
+    logged = sorted(f"val/{n}" for n in names)
+    if monitor not in logged:
+        raise ConfigError(f"bad value for 'checkpoint.monitor': {monitor} (the model logs: {', '.join(logged)})")
+
+
 def is_rank_zero() -> bool:
     """True in the launching process (and in rank 0 under SLURM / torchrun)."""
     return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
@@ -236,6 +280,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     (`RunLock`; a second trainer on the same run is refused in one line, exit 2) and holds it until it
     returns; from there on any failure marks the run failed in run.json with its one-line error."""
     quiet_lightning()
+    check_trainer(cfg)
     cfg, run_dir, ckpt = prepare_run(cfg, overrides)
     plain_batches_for_memoryless(cfg)
     dm = build_datamodule(cfg)
@@ -244,11 +289,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     dm.check_sizes()
     seed_all(cfg.seed)
     model = build_model(cfg, dm.image_shape, dm.likelihood)
+    check_monitor(cfg, model, dm)
     source = None
     if cfg.init_from and ckpt is None:  # a resumed run restores its own weights below
         source, msg = init_weights_from(model, cfg.init_from)
         print(msg, file=sys.stderr)
     start_epoch = 0
+    seen = _stamp(ckpt)
     if ckpt is not None:  # the weights must load before config.yaml is rewritten
         state = load_checkpoint(ckpt)
         start_epoch = int(state.get("epoch", -1)) + 1
@@ -259,14 +306,68 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
                 f"cannot resume from {ckpt}: its weights do not fit this config "
                 f"({str(e).strip().splitlines()[-1][:150]})"
             ) from None
+    if ckpt is not None and is_rank_zero():
+        done = _check_resume(cfg, run_dir, start_epoch)
+        if done is not None:
+            return done
     if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
         return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
     with RunLock(run_dir):
+        # checked again now that the lock is held: another trainer may have created or advanced this run while
+        # this one loaded its data (a slow start, a SIGSTOP); what it wrote is never replaced
+        if ckpt is None and last_checkpoint(run_dir):
+            raise RunError(
+                f"{run_dir} already holds a run (another trainer created it while this one was starting); "
+                f"continue it with resume={run_dir} or pick another run_id"
+            )
+        if ckpt is not None and _stamp(ckpt) != seen:
+            raise RunError(
+                f"{run_dir} moved on while this trainer was starting (another trainer wrote {ckpt.name}); "
+                "run the same command again to continue from there"
+            )
         try:
             return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
         except BaseException as e:
-            mark_failed(run_dir, f"{type(e).__name__}: {str(e).strip()[:300]}")
-            raise
+            sig = interrupt_signal(e)
+            if sig is None:
+                mark_failed(run_dir, f"{type(e).__name__}: {str(e).strip()[:300]}")
+                raise
+            last = last_checkpoint(run_dir)
+            keep = f"it keeps {last.name}" if last else "no epoch had finished, so it starts again"
+            msg = f"interrupted by {sig[0]}; {keep}: continue with km train resume={run_dir}"
+            mark_failed(run_dir, msg, status="interrupted")
+            raise RunInterrupted(msg, sig[1]) from None
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a checkpoint: how a trainer tells that another one rewrote it meanwhile."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_resume(cfg: DictConfig, run_dir: Path, start_epoch: int) -> dict[str, Any] | None:
+    """Before a resumed run is touched: refuse what would fail inside Lightning after run.json, config.yaml and
+    metrics.csv were already rewritten (a smaller budget than trained, a damaged metrics.csv), and answer a
+    finished run without re-running anything. Returns the summary of a finished run, else None."""
+    from km.config import ConfigError
+    from km.runs import check_metrics_file
+
+    check_metrics_file(run_dir)
+    m = int(cfg.trainer.max_epochs)
+    if m != -1 and start_epoch > m:
+        raise ConfigError(
+            f"resume: {run_dir} has trained {start_epoch} epochs, more than trainer.max_epochs={m}; "
+            f"to train further give trainer.max_epochs > {start_epoch} (km eval {run_dir} re-evaluates it)"
+        )
+    finished = read_meta(run_dir).get("status") == "finished" and (run_dir / "eval.json").is_file()
+    if m != -1 and start_epoch == m and finished:
+        return {"run_dir": str(run_dir), "already_finished": start_epoch}
+    return None
 
 
 def _train(
@@ -317,6 +418,9 @@ def _train(
         )
 
     trainer, grid = make_trainer(cfg, run_dir, wandb_id, steps_per_epoch=len(dm.episodes("train")))
+    start_step = int(read_meta(run_dir).get("steps") or 0) if ckpt is not None else 0
+    if ckpt is not None:
+        start_step = max(start_step, _checkpoint_step(ckpt))
     t_fit = time.time()
     try:
         with warnings.catch_warnings():
@@ -325,7 +429,8 @@ def _train(
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     except NonFiniteLossError as e:
         _finish_wandb(trainer, failed=True)
-        raise NonFiniteLossError(f"{e}. {_divergence_advice(cfg, run_dir)}") from None
+        stuck = ckpt is not None and trainer.global_step <= start_step  # not one step since the checkpoint
+        raise NonFiniteLossError(f"{e}. {_divergence_advice(cfg, run_dir, stuck)}") from None
     except BaseException:
         _finish_wandb(trainer, failed=True)
         raise
@@ -362,10 +467,24 @@ def _train(
     return summary
 
 
-def _divergence_advice(cfg: DictConfig, run_dir: Path) -> str:
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(load_checkpoint(ckpt).get("global_step") or 0)
+    except Exception:  # noqa: BLE001 - only sharpens the advice
+        return 0
+
+
+def _divergence_advice(cfg: DictConfig, run_dir: Path, stuck: bool = False) -> str:
     """What to run after a diverged run: continue from the last good checkpoint with a 10x lower rate (and
-    clipping, if there was none). `resume` applies both (`RESUMABLE`; the rate overrides the optimiser's)."""
+    clipping, if there was none). `resume` applies both (`RESUMABLE`; the rate overrides the optimiser's).
+    `stuck`: this was a resume that diverged before one optimiser step, so the checkpoint itself gives a
+    non-finite loss and no rate or clipping applied after it can help: start a new run instead."""
     fix = f"model.lr={cfg.model.lr / 10:g}" + ("" if cfg.trainer.gradient_clip_val else " trainer.gradient_clip_val=5")
+    if stuck:
+        return (
+            "The checkpoint it resumed from diverges on its first batch, so resuming cannot help, whatever the "
+            f"rate or clipping; start a new run (another run_id) with a lower rate from the beginning: {fix}"
+        )
     if last_checkpoint(run_dir) is None:
         return f"No epoch had finished, so no checkpoint was kept; start again with a lower rate: {fix}"
     return f"The last good checkpoint is kept; continue with: km train resume={run_dir} {fix}"
@@ -400,7 +519,7 @@ def make_trainer(
 ) -> tuple[pl.Trainer, SampleGrid]:
     """The Lightning trainer of a run. `steps_per_epoch` caps the logging interval, so a short epoch logs its
     training loss too (and Lightning has nothing to warn about)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from km.callbacks import ModelCheckpoint  # Lightning's, following a moved run's folder
 
     t = cfg.trainer
     log_every = min(t.log_every_n_steps, steps_per_epoch) if steps_per_epoch else t.log_every_n_steps

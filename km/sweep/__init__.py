@@ -31,7 +31,7 @@ state.json (rewritten atomically: temp file + os.replace, under an flock on D/.l
      "overrides": ["key=value", ...],        # fixed overrides from `start --set`
      "exhausted": false,                      # true once the grid has no point left
      "runs": [{"name": "r001", "config": {"model.lr": 0.001, "seed": 1},   # plain values
-               "status": "running|finished|failed|stopped", "metric": 123.4 | null,
+               "status": "running|finished|failed|stopped|interrupted", "metric": 123.4 | null,
                "history": [val metric per epoch, ...], "error": null | "<last stderr line>",
                "exit_code": 0, "run_dir": "runs/<sweep>/r001", "attempts": 1,
                "agent": {"pid": 1234, "host": "..."}, "started": "...", "ended": "..."}, ...]}

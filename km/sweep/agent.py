@@ -187,6 +187,10 @@ def _finished(run_dir: Path) -> bool:
     return read_meta(run_dir).get("status") == "finished" and (run_dir / "eval.json").exists()
 
 
+INTERRUPTED_CODES = (130, 143)  # km train's exit after SIGINT / SIGTERM (km.runs.RunInterrupted)
+MAX_INTERRUPTED = 3  # attempts of one point ended by a signal before it counts as failed
+
+
 def _record_outcome(
     sweep_dir: Path,
     spec: dict[str, Any],
@@ -208,6 +212,10 @@ def _record_outcome(
             metric = max(history) if goal == "maximize" else min(history)
     elif code == 0:
         status, error = "finished", None
+    elif (code < 0 or code in INTERRUPTED_CODES) and rec.get("attempts", 1) < MAX_INTERRUPTED:
+        # killed by a signal (SIGTERM from a scheduler, an OOM reaper's SIGKILL): the run keeps its checkpoint
+        # and the next claim trains it again from there (resume=auto); after MAX_INTERRUPTED tries it fails
+        status, error = "interrupted", _last_line(err_p, err_offset) or f"killed by signal {-code}"
     else:
         status, error = "failed", _last_line(err_p, err_offset) or f"exit code {code}"
     fields = {

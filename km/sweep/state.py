@@ -257,14 +257,22 @@ def _pid_alive(agent: dict[str, Any] | None) -> bool:
 
 
 def claim_next(sweep_dir: Path, spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """Under the lock: pick an orphaned `running` run, else ask the engine; record it as running.
+    """Under the lock: pick an `interrupted` run (its trainer was killed by a signal) or an orphaned `running`
+    one, else ask the engine; record it as running.
 
     Returns (record, reason); record None means nothing is left to do (reason says why).
     """
     with locked(sweep_dir):
         state = read_state(sweep_dir)
         me = {"pid": os.getpid(), "host": socket.gethostname()}
-        rec = next((r for r in state["runs"] if r["status"] == "running" and not _pid_alive(r.get("agent"))), None)
+        rec = next(
+            (
+                r
+                for r in state["runs"]
+                if r["status"] == "interrupted" or (r["status"] == "running" and not _pid_alive(r.get("agent")))
+            ),
+            None,
+        )
         if rec is None:
             cap = spec.get("run_cap")
             if state.get("exhausted"):

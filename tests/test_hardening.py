@@ -1,0 +1,279 @@
+"""Issue #30: what used to lose or damage runs. Signals to a real trainer (SIGTERM, SIGINT) leave a resumable
+run, a non-zero exit and one line; a sweep point whose trainer got SIGTERM is trained again by the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from km import sweep
+from km.runs import epoch_metrics, lock_holder, read_meta
+from tests.conftest import needs_data, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = needs_data
+
+
+def _popen(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "km.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _wait(what: str, ok, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not ok():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signalled_trainer_exits_non_zero_in_one_line_and_resumes(tmp_path: Path, sig, code) -> None:
+    ov = tiny(tmp_path, "trainer.max_epochs=30", "run_id=sig", "test_after_fit=false")
+    run = tmp_path / "runs" / "default" / "sig"
+    p = _popen("train", *ov)
+    _wait("the first epoch's checkpoint", lambda: (run / "checkpoints" / "last.ckpt").exists() or p.poll() is not None)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err[-2000:]
+    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith(f"error: interrupted by {sig.name}; it keeps last.ckpt: continue with km train resume=")
+    meta = read_meta(run)
+    assert meta["status"] == "interrupted" and meta["last_good_checkpoint"].endswith("last.ckpt")
+    done = sorted(epoch_metrics(run, "val/neg_elbo"))
+    p = _popen("train", *tiny(tmp_path, "trainer.max_epochs=" + str(len(done) + 1), "run_id=sig", "resume=auto"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "resuming" in err, err[-2000:]
+    assert sorted(epoch_metrics(run, "val/neg_elbo")) == list(range(len(done) + 1))
+    assert read_meta(run)["status"] == "finished"
+
+
+def test_a_sweep_point_whose_trainer_got_sigterm_is_trained_again(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "method: grid\nmetric: {name: test/neg_elbo, goal: minimize}\nparameters: {seed: {values: [1]}}\n"
+        "command: ['${env}', km, train, '${args_no_hyphens}']\n"
+    )
+    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, "trainer.max_epochs=6", "logger=csv"))
+    run = tmp_path / "runs" / "sw" / "r001"
+    agent = _popen("sweep", "agent", str(d), start_new_session=True)
+    try:
+        _wait("r001's first epoch", lambda: (run / "checkpoints" / "last.ckpt").exists())
+        pid = lock_holder(run)
+        assert pid is not None
+        os.kill(int(pid), signal.SIGTERM)  # what a scheduler or an OOM reaper sends the trainer
+        out, _ = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode == 0, out[-2000:]
+    assert "r001 interrupted (exit 143)" in out, out[-2000:]
+    (rec,) = json.loads((d / "state.json").read_text())["runs"]
+    assert rec["status"] == "finished" and rec["attempts"] == 2 and isinstance(rec["metric"], float), rec
+    assert sorted(epoch_metrics(run, "val/neg_elbo")) == list(range(6))  # every epoch once
+    assert "resuming" in (d / "logs" / "r001.err").read_text()
+
+
+# ---- 2. a refused resume leaves the run byte for byte as it was -------------------------------------------
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def _fails(args: list[str], capsys, code: int = 2) -> str:
+    from km.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    from km.config import compose_config
+    from km.train import train
+
+    tmp = tmp_path_factory.mktemp("finished")
+    return Path(train(compose_config(tiny(tmp, "trainer.max_epochs=3", "run_id=done")))["run_dir"])
+
+
+def test_a_smaller_budget_than_trained_is_refused_and_changes_nothing(finished_run: Path, capsys) -> None:
+    before = _snapshot(finished_run)
+    err = _fails(["train", f"resume={finished_run}", "trainer.max_epochs=1"], capsys)
+    assert "has trained 3 epochs, more than trainer.max_epochs=1" in err
+    assert _snapshot(finished_run) == before
+
+
+def test_a_damaged_metrics_file_is_refused_before_the_run_is_touched(finished_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from km.compare import collect
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "metrics.csv").write_bytes((run / "metrics.csv").read_bytes() + b"\xff\xfe,bad\n")
+    before = _snapshot(run)
+    err = _fails(["train", f"resume={run}", "trainer.max_epochs=4"], capsys)
+    assert "metrics.csv is not UTF-8 text" in err
+    assert _snapshot(run) == before
+    assert collect([run])  # km compare reads the run (without its curves) instead of tracing back
+
+
+def test_resuming_a_finished_run_says_so_and_runs_nothing(finished_run: Path, capsys) -> None:
+    from km.cli import main
+
+    before = _snapshot(finished_run)
+    main(["train", f"resume={finished_run}"])
+    out = capsys.readouterr().out
+    assert f"{finished_run} is finished (3 of 3 epochs" in out and "trainer.max_epochs=6" in out
+    assert _snapshot(finished_run) == before
+
+
+# ---- 3. a trainer that loses the race for a run id refuses once it holds the lock -------------------------
+
+
+def test_a_racing_trainer_never_replaces_a_finished_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    import km.train
+    from km.config import compose_config
+
+    first = tiny(tmp_path, "name=dup", "run_id=race", "seed=1", "trainer.max_epochs=1")
+    real = km.train.check_memory_budget
+    calls = []
+
+    def slow_start(cfg, shape):  # the second trainer is delayed after its checks, before it takes the lock
+        calls.append(1)
+        if len(calls) == 1:
+            km.train.train(compose_config(first))  # the first trainer runs the whole run meanwhile
+        return real(cfg, shape)
+
+    monkeypatch.setattr(km.train, "check_memory_budget", slow_start)
+    err = _fails(["train", *tiny(tmp_path, "name=dup", "run_id=race", "seed=2", "trainer.max_epochs=1")], capsys)
+    assert "already holds a run (another trainer created it while this one was starting)" in err
+    run = tmp_path / "runs" / "dup" / "race"
+    assert read_meta(run)["status"] == "finished" and read_meta(run)["seed"] == 1
+    assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+# ---- 4, 5. divergence: exit 3 in one line, advice that can work -------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["km", "pkm"])
+def test_a_diverged_memory_in_the_sample_grid_exits_3(tmp_path: Path, model: str, capsys) -> None:
+    args = tiny(tmp_path, f"model={model}", "model.lr=0.1", "trainer.max_epochs=40", "net.channels=[4,4,4]")
+    err = _fails(["train", *args, "net.embed_dim=16", "model.code_dim=8"], capsys, code=3)
+    assert err.startswith("error: training stopped: non-finite")
+
+
+def test_a_resume_that_diverges_at_once_says_resuming_cannot_help(tmp_path: Path, monkeypatch, capsys) -> None:
+    from km.config import compose_config
+    from km.models import VAE
+    from km.train import train
+
+    run = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "run_id=stuck")))["run_dir"])
+    real = VAE.episode_elbo
+
+    def poisoned(self, x, *a, **k):  # the kept checkpoint gives a non-finite loss on its first batch
+        out = real(self, x, *a, **k)
+        if self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "episode_elbo", poisoned)
+    err = _fails(["train", f"resume={run}", "trainer.max_epochs=3", "model.lr=1e-4"], capsys, code=3)
+    assert "resuming cannot help" in err and "start a new run" in err
+
+
+@pytest.mark.parametrize("key", ["model.kl_weights.z=inf", "model.weight_decay=nan", "model.lr=-inf"])
+def test_non_finite_values_are_refused_up_front(tmp_path: Path, key: str, capsys) -> None:
+    err = _fails(["train", *tiny(tmp_path, key)], capsys)
+    assert f"bad value for '{key.split('=')[0]}'" in err and "finite" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sigma_xi_inf_is_refused(tmp_path: Path, capsys) -> None:
+    err = _fails(["train", *tiny(tmp_path, "model=km", "model.sigma_xi=inf")], capsys)
+    assert "bad value for 'model.sigma_xi'" in err
+
+
+# ---- 12. a copied run resumes without Lightning's dirpath warning and keeps its best-epoch record ---------
+
+
+def test_a_copied_run_keeps_its_best_checkpoint_record_without_a_warning(tmp_path: Path) -> None:
+    import shutil
+    import warnings
+
+    import torch
+
+    from km.config import compose_config
+    from km.train import train
+
+    common = ["trainer.max_epochs=2", "test_after_fit=false"]
+    first = Path(train(compose_config(tiny(tmp_path, *common, "run_id=orig")))["run_dir"])
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(first, copy, ignore=shutil.ignore_patterns(".lock"))
+    ov = [f"resume={copy}", "trainer.max_epochs=3", "test_after_fit=false"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(compose_config(tiny(tmp_path, *ov)), ov)
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    cbs = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    best = next(v for k, v in cbs.items() if "val/" in k)  # the best-epoch callback (monitored)
+    assert best["best_model_path"].startswith(str(copy / "checkpoints"))
+    assert Path(best["best_model_path"]).exists() and best["best_model_score"] is not None
+
+
+# ---- 6. values Lightning would refuse after the data loaded: one line, before anything is written --------
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("trainer.strategy=bogus", "bad value for 'trainer.strategy': bogus (valid: auto, ddp"),
+        ("checkpoint.monitor=bogus", "bad value for 'checkpoint.monitor': bogus (the model logs: val/heldout,"),
+        ("trainer.limit_val_batches=inf", "bad value for 'trainer.limit_val_batches': inf (must be a finite"),
+        ("run_id=" + "a" * 300, "bad value for 'run_id'"),
+        ("name=café", "cannot parse 'name=café': Hydra's override grammar takes ASCII only"),
+    ],
+)
+def test_values_that_used_to_trace_back_are_one_line(tmp_path: Path, override: str, says: str, capsys) -> None:
+    err = _fails(["train", *tiny(tmp_path, override)], capsys)
+    assert err.startswith(f"error: {says}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_gpu_accelerator_without_cuda_is_one_line(tmp_path: Path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _fails(["train", *tiny(tmp_path, "trainer.accelerator=gpu")], capsys)
+    assert "trainer.accelerator=gpu but this machine has no CUDA device" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_monitor_the_model_logs_is_accepted(tmp_path: Path) -> None:
+    from km.config import compose_config
+    from km.train import train
+
+    s = train(compose_config(tiny(tmp_path, "model=km", "checkpoint.monitor=val/heldout", "trainer.max_epochs=1")))
+    assert read_meta(Path(s["run_dir"]))["status"] == "finished"
