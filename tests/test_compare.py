@@ -11,6 +11,7 @@ import pytest
 
 from km.cli import main as km_main
 from km.compare import DOC_BEGIN, DOC_END, aggregate, aggregate_curves, bar_label, classify, collect
+from km.compare.render import VERDICT_HEAD, format_markdown
 
 UNIT = {"mnist": "nats/image", "cifar10": "bits/dim"}
 # (model, data) -> per-seed test/neg_elbo; recon = 0.8 * neg_elbo, kl = the rest, nll_is20 = neg_elbo - 5
@@ -365,7 +366,7 @@ def test_table_md_groups_columns_by_protocol(tmp_path: Path, capsys: pytest.Capt
     km_main(["compare", str(root), "--out", str(out)])
     md = (out / "table.md").read_text()
     legend, cells, _ = _md_lines(md)
-    assert cells == ["data", "model", "unit", "T", "IS", "n", "steps", "train s", *MD_COLUMNS]
+    assert cells == ["data", "model", "unit", "T", "IS", "n", "steps", "train s", *MD_COLUMNS, VERDICT_HEAD]
     assert _group_sequence(MD_COLUMNS) == GROUP_ORDER  # each protocol group contiguous, in this order
     assert legend == [
         "- iid episodes (test/), joint bound -ELBO/T (every KL, bounds ln p(X)/T): "
@@ -454,7 +455,7 @@ def test_metric_test_class_heldout_sorts_and_marks(tmp_path: Path, capsys: pytes
     md = (out / "table.md").read_text()
     assert md.startswith("# test_class/heldout: held-out bound -ELBO/target, one-class episodes")
     _, cells, _ = _md_lines(md)
-    assert cells[8:] == MD_COLUMNS  # --metric does not reorder the columns
+    assert cells[8:] == [*MD_COLUMNS, VERDICT_HEAD]  # --metric does not reorder the columns
     vae = next(line for line in md.splitlines() if line.startswith("| mnist | **vae** |"))
     vae_cells = [c.strip() for c in vae.strip("|").split("|")]
     assert vae_cells[cells.index("test_class/heldout")] == f"**90.50 ± {_std([90.0, 91.0]):.2f}**"
@@ -500,6 +501,7 @@ def test_doc_replaces_only_the_marked_block(tmp_path: Path, monkeypatch: pytest.
         "held-out NLL IS20 [nats/image]",
         "held-out (class) -ELBO/target [nats/image]",
         "held-out (class) NLL IS20 [nats/image]",
+        VERDICT_HEAD,
     ]  # joint and memory-conditional on one-class episodes: table.csv only
     assert "joint -ELBO/T [bits/dim]" in tables[0] and "held-out" not in tables[0]  # cifar10: joint only
     assert "NOT a bound on ln p(X)" in block and "| **km** |" in block
@@ -575,3 +577,30 @@ def test_runs_of_different_experiment_configs_are_not_pooled_and_budgets_come_fr
     assert rows["cpu_dkm"]["steps"] == rows["cpu_dkm_sampled"]["steps"] == 40  # 4 epochs of metrics.csv, not eval.json
     assert rows["cpu_dkm"]["checkpoint_step"] == 10 and rows["cpu_dkm_sampled"]["checkpoint_step"] == 40
     assert rows["cpu_dkm_sampled"]["best"] and not rows["cpu_dkm"]["best"]  # same budget: best is marked
+
+
+def test_better_only_beyond_two_pooled_std_with_three_seeds(tmp_path: Path) -> None:
+    """The verdict column: 'better' needs n >= 3 seeds on both sides and a gap > 2 pooled std; else 'tie'."""
+    from km.compare.aggregate import separated
+
+    cases = {
+        # data set: {model: values}; expected verdicts
+        "mnist": ({"vae": [100.0, 101.0, 102.0], "km": [110.0, 111.0, 112.0]}, {"vae": "better", "km": "worse"}),
+        "cifar10": ({"vae": [4.0, 4.3, 4.6], "km": [4.4, 4.5, 4.6]}, {"vae": "tie", "km": "tie"}),  # within spread
+    }
+    root = tmp_path / "runs"
+    for data, (vals, _) in cases.items():
+        for model, vs in vals.items():
+            for seed, v in enumerate(vs, start=1):
+                write_run(root, model, data, seed, v)
+    agg = aggregate(collect([root]))
+    got = {(g["data"], g["model"]): g["verdict"] for g in agg["groups"]}
+    for data, (_, want) in cases.items():
+        for model, v in want.items():
+            assert got[(data, model)] == v, (data, model, got)
+    # the rule itself, at its edges: a gap of exactly 2 pooled std is not beyond the spread
+    a, b = {"mean": 0.0, "std": 1.0, "n": 3}, {"mean": 2.0, "std": 1.0, "n": 3}
+    assert not separated(a, b) and separated(a, {**b, "mean": 2.01}) and not separated(a, {**b, "n": 2})
+    md = format_markdown(agg)
+    assert "vs lowest (2 pooled std, n >= 3)" in md
+    assert next(x for x in md.splitlines() if x.startswith("| mnist | **vae**")).rstrip().endswith("| better |")

@@ -277,3 +277,44 @@ def test_a_monitor_the_model_logs_is_accepted(tmp_path: Path) -> None:
 
     s = train(compose_config(tiny(tmp_path, "model=km", "checkpoint.monitor=val/heldout", "trainer.max_epochs=1")))
     assert read_meta(Path(s["run_dir"]))["status"] == "finished"
+
+
+# ---- 8. sweeps: specs refused at start, damaged state in one line ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params, says",
+    [
+        ({"seed": {"values": []}}, "parameter seed: 'values' must be a non-empty list"),
+        ({"seed": 3}, "parameter seed: give a mapping"),
+        ({"model.lr": {"min": 0.1, "max": 0.01}}, "parameter model.lr: min 0.1 must be below max 0.01"),
+        ({"model.lrr": {"values": [0.1]}}, "unknown config key 'model.lrr'"),
+        ({"seed": {"valuez": [1]}}, "parameter seed: unknown key 'valuez'"),
+    ],
+)
+def test_bad_sweep_specs_are_refused_at_start(tmp_path: Path, params: dict, says: str, capsys) -> None:
+    import yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"method": "grid", "parameters": params, "command": ["km", "train"]}))
+    err = _fails(["sweep", "start", str(spec), "--local", "--dir", str(tmp_path / "sw")], capsys)
+    assert says in err, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_dir_that_is_a_file_and_damaged_state_are_one_line(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [1]}}}))
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in _fails(
+        ["sweep", "start", str(spec), "--local", "--dir", str(tmp_path / "file")], capsys
+    )
+    d = tmp_path / "sw"
+    sweep.start_local(spec, d)
+    state = json.loads((d / "state.json").read_text())
+    for bad in (["not a record"], [{"status": "running", "config": {}}]):
+        (d / "state.json").write_text(json.dumps({**state, "runs": bad}))
+        for cmd in (["sweep", "status", str(d)], ["sweep", "agent", str(d)]):
+            assert "runs[0] is not a run record" in _fails(cmd, capsys)

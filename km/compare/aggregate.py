@@ -204,6 +204,7 @@ def _make_group(
         "run_dirs": [r.run_dir for r in rs],
         "metrics": stats,
         "best": False,
+        "verdict": "",  # vs the lowest mean of the data set: better | worse | tie (mark_best)
     }
 
 
@@ -225,7 +226,27 @@ def mark_best(groups: list[dict[str, Any]], metric: str) -> list[str]:
         best = min((g["metrics"][metric]["mean"] for g in cands), default=math.inf)
         for g in cands:
             g["best"] = math.isfinite(best) and g["metrics"][metric]["mean"] == best
+        top = next((g for g in cands if g["best"]), None)
+        if top is None:
+            continue
+        for g in cands:
+            if g is not top:
+                g["verdict"] = "worse" if separated(top["metrics"][metric], g["metrics"][metric]) else "tie"
+        others = [g for g in cands if g is not top]
+        top["verdict"] = "better" if others and all(g["verdict"] == "worse" for g in others) else "tie"
     return notes
+
+
+MIN_SEEDS = 3  # the guide's rule: a claim that one model beats another needs at least 3 seeds
+SPREAD = 2.0  # ... and a difference beyond their spread: more than 2 pooled seed standard deviations
+
+
+def separated(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two groups' {mean, std, n} of one metric differ beyond their spread: both have >= MIN_SEEDS seeds and
+    |mean_a - mean_b| > SPREAD x sqrt((std_a^2 + std_b^2) / 2) (the pooled std of equal-sized groups)."""
+    if min(a["n"], b["n"]) < MIN_SEEDS or a["std"] is None or b["std"] is None:
+        return False
+    return abs(a["mean"] - b["mean"]) > SPREAD * math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
 
 
 def aggregate(

@@ -79,7 +79,7 @@ def format_markdown(agg: dict[str, Any]) -> str:
     """The column-group legend and the table (one row per group, every data set)."""
     cols = _table_columns(agg)
     by, info = agg["by"], _info_columns(agg["groups"])
-    head = ["data", "model", *by, "unit", "T", "IS", "n", *info, *cols]
+    head = ["data", "model", *by, "unit", "T", "IS", "n", *info, *cols, VERDICT_HEAD]
     rows = []
     for g in agg["groups"]:
         model = f"**{g['model']}**" if g["best"] else g["model"]
@@ -94,15 +94,22 @@ def format_markdown(agg: dict[str, Any]) -> str:
                 str(g["n"]),
                 *(_fmt_info(g, h) for h in info),
                 *(_cell(g, c, agg["metric"]) for c in cols),
+                g.get("verdict") or "-",
             ]
         )
-    return "\n".join([*format_legend(agg, cols), "", *_md_table(head, rows, len(info) + len(cols))]) + "\n"
+    return "\n".join([*format_legend(agg, cols), "", *_md_table(head, rows, len(info) + len(cols) + 1)]) + "\n"
+
+
+VERDICT_HEAD = "vs lowest (2 pooled std, n >= 3)"
 
 
 def _best_line(agg: dict[str, Any]) -> str:
     return (
         f"Bold = best: the lowest {agg['metric']} ({describe(agg['metric'])}) per data set, marked only where "
-        "the groups compared trained for the same number of steps (steps trained, from metrics.csv or eval.json)."
+        "the groups compared trained for the same number of steps (steps trained, from metrics.csv or eval.json). "
+        f"Column '{VERDICT_HEAD}': the lowest is 'better' only where its mean is below every other group's by "
+        "more than 2 pooled seed std (sqrt((s1^2 + s2^2) / 2)), each group with at least 3 seeds; a group within "
+        "that margin of the lowest, or with fewer seeds, is a 'tie'; 'worse' otherwise."
     )
 
 
@@ -144,7 +151,7 @@ def format_doc_tables(agg: dict[str, Any]) -> list[str]:
     lines = []
     for data, gs, unit, cols in _per_data_set(agg, _doc_columns(agg)):
         info = _info_columns(gs)
-        head = ["model", *agg["by"], "n", "T", "IS", *info, *(_doc_header(c, unit) for c in cols)]
+        head = ["model", *agg["by"], "n", "T", "IS", *info, *(_doc_header(c, unit) for c in cols), VERDICT_HEAD]
         rows = [
             [
                 f"**{g['label']}**" if g["best"] else g["label"],
@@ -154,13 +161,14 @@ def format_doc_tables(agg: dict[str, Any]) -> list[str]:
                 "/".join(map(str, g["is_samples"])),
                 *(_fmt_info(g, h) for h in info),
                 *(_cell(g, c, agg["metric"]) for c in cols),
+                g.get("verdict") or "-",
             ]
             for g in gs
         ]
         lines += [
             f"**{data}** ({unit}, sorted by {agg['metric']})",
             "",
-            *_md_table(head, rows, 3 + len(info) + len(cols)),
+            *_md_table(head, rows, 3 + len(info) + len(cols) + 1),
             "",
         ]
     return lines
@@ -265,6 +273,7 @@ def write_csv(agg: dict[str, Any], path: Path) -> None:
         "train_seconds",
         "heldout_targets",
         "best",
+        "verdict",
     ]
     for c in agg["columns"]:
         head += [f"{c} mean", f"{c} std", f"{c} n"]
@@ -285,6 +294,7 @@ def write_csv(agg: dict[str, Any], path: Path) -> None:
                 *("" if g[k] is None else repr(g[k]) for k in ("steps", "train_seconds")),
                 "/".join(map(str, g["heldout_targets"])),
                 int(g["best"]),
+                g.get("verdict") or "",
             ]
             for c in agg["columns"]:
                 s = g["metrics"].get(c)

@@ -54,8 +54,35 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+DISTRIBUTION_KEYS = ("value", "values", "min", "max", "distribution", "mu", "sigma", "q", "probabilities")
+
+
+def _check_distribution(p: Path, key: str, param: Any) -> None:
+    """The shape W&B's engine needs, checked at `start` (the agent would crash on it later): a mapping with
+    a non-empty `values` list, one `value`, or `min` < `max` (numbers)."""
+    if not isinstance(param, dict):
+        raise SweepError(
+            f"{p}: parameter {key}: give a mapping ({{values: [...]}}, {{value: x}} or {{min: a, max: b}}), "
+            f"not a bare {type(param).__name__}"
+        )
+    unknown = sorted(set(param) - set(DISTRIBUTION_KEYS))
+    if unknown:
+        raise SweepError(f"{p}: parameter {key}: unknown key '{unknown[0]}'; valid: {', '.join(DISTRIBUTION_KEYS)}")
+    if "values" in param and (not isinstance(param["values"], list) or not param["values"]):
+        raise SweepError(f"{p}: parameter {key}: 'values' must be a non-empty list")
+    if "min" in param or "max" in param:
+        lo, hi = param.get("min"), param.get("max")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lo, hi)):
+            raise SweepError(f"{p}: parameter {key}: min and max must both be numbers")
+        if lo >= hi:
+            raise SweepError(f"{p}: parameter {key}: min {lo} must be below max {hi}")
+    if not ({"values", "value", "min"} & set(param)):
+        raise SweepError(f"{p}: parameter {key}: needs values, value or min/max")
+
+
 def _check_parameters(p: Path, params: dict[str, Any]) -> None:
     for key, param in params.items():  # each becomes `key=value` on a km train command line
+        _check_distribution(p, key, param)
         values = param.get("values", [param.get("value")]) if isinstance(param, dict) else [param]
         for v in values if isinstance(values, list) else [values]:
             try:
@@ -106,6 +133,18 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("runs"), list):
         raise SweepError(f"{p} is not a sweep state (no 'runs' list); restore it or start a new sweep")
+    for i, r in enumerate(state["runs"]):
+        ok = (
+            isinstance(r, dict)
+            and isinstance(r.get("name"), str)
+            and isinstance(r.get("status"), str)
+            and isinstance(r.get("config"), dict)
+        )
+        if not ok:
+            raise SweepError(
+                f"{p} is damaged: runs[{i}] is not a run record (a mapping with name, status and config); "
+                "restore it or start a new sweep"
+            )
     return state
 
 
@@ -127,13 +166,32 @@ def locked(sweep_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _check_composes(spec: dict[str, Any], overrides: list[str]) -> None:
+    """Every key of the sweep's first point exists (an unknown key or group choice is refused at `start`, in
+    one line, instead of failing every run the agent starts)."""
+    from km.config import compose_config
+
+    point = []
+    for key, param in spec["parameters"].items():
+        v = param["values"][0] if "values" in param else param.get("value", param.get("min"))
+        point.append(f"{key}={_fmt(v)}")
+    try:
+        compose_config([*overrides, *point])
+    except ConfigError as e:  # a key no run can have; a bad value of one point is that run's failure, recorded
+        if str(e).startswith("unknown"):
+            raise SweepError(f"the sweep's first point ({' '.join(point)}): {e}") from None
+
+
 def start_local(spec_path: str | Path, sweep_dir: str | Path | None = None, overrides: list[str] | None = None) -> Path:
     """Create a local sweep directory (spec.yaml + state.json) and return it."""
     import yaml
 
     spec = load_spec(spec_path)
     _check_overrides(overrides or [])
+    _check_composes(spec, overrides or [])
     d = Path(sweep_dir) if sweep_dir else Path("runs") / "sweeps" / f"{Path(spec_path).stem}-{secrets.token_hex(2)}"
+    if d.exists() and not d.is_dir():
+        raise SweepError(f"--dir {d} is a file, not a folder")
     if (d / STATE).exists():
         raise SweepError(f"{d} already holds a sweep; continue it with: km sweep agent {d}")
     d.mkdir(parents=True, exist_ok=True)

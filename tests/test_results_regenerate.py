@@ -1,0 +1,47 @@
+"""docs/results.md's generated tables and docs/results/table.md are what `km compare` makes from the run files
+committed under docs/results/run_files/ (config.yaml, run.json, eval.json, metrics.csv of each reference run):
+the page regenerates from the repository alone, without retraining. Cheap: it reads a few dozen small files."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from km.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "results.md"
+
+
+def _block(text: str) -> list[str]:
+    from km.compare import DOC_BEGIN, DOC_END
+
+    body = text.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0]
+    return [x for x in body.splitlines() if not x.startswith("Regenerate with `")]
+
+
+def test_the_committed_tables_are_what_km_compare_makes_from_the_committed_run_files(tmp_path: Path, capsys) -> None:
+    text = DOC.read_text()
+    m = re.search(r"Regenerate with `(km compare [^`]+)`", text)
+    assert m, "docs/results.md has no generated block"
+    argv = shlex.split(m.group(1))[1:]
+    targets = [
+        a for a in argv[1:] if not a.startswith("--") and argv[argv.index(a) - 1] not in ("--by", "--out", "--doc")
+    ]
+    assert targets and all(t.startswith("docs/results/run_files/") for t in targets), targets
+    assert all((ROOT / t).is_dir() for t in targets)
+    doc = tmp_path / "results.md"
+    shutil.copy(DOC, doc)
+    out = tmp_path / "out"
+    args = [a for a in argv]
+    args[args.index("--out") + 1] = str(out)
+    args[args.index("--doc") + 1] = str(doc)
+    args = [str(ROOT / a) if a in targets else a for a in args]
+    main(args)
+    assert _block(doc.read_text()) == _block(text)
+    committed = ROOT / "docs" / "results"
+    for name in ("table.md", "table.csv"):
+        made = (out / name).read_text().replace(str(ROOT) + "/", "")
+        assert made == (committed / name).read_text(), name
