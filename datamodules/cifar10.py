@@ -40,7 +40,10 @@ def read_labels(path: Path) -> dict[str, np.ndarray]:
 def cached_shard(files: DataFiles, rel: str) -> np.ndarray:
     """Shard ``rel``, decompressed once into <cache>/cifar10/<name>-<md5>.npy."""
     md5 = cached_md5(files.verified(rel))
-    cached = cache_dir() / "cifar10" / f"{Path(rel).name.removesuffix('.npy.xz')}-{md5}.npy"
+    try:  # a cache must never stop a run: without one, each run decompresses the shard itself
+        cached = cache_dir() / "cifar10" / f"{Path(rel).name.removesuffix('.npy.xz')}-{md5}.npy"
+    except OSError:
+        return files.load(rel, read_shard)
     if cached.is_file():
         try:
             return read_shard(cached)
@@ -49,7 +52,10 @@ def cached_shard(files: DataFiles, rel: str) -> np.ndarray:
     images = files.load(rel, read_shard)
     from km.runs import atomic_write
 
-    atomic_write(cached, lambda f: np.save(f, images))
+    try:
+        atomic_write(cached, lambda f: np.save(f, images))
+    except OSError:
+        pass
     return images
 
 

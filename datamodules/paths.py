@@ -118,11 +118,17 @@ def cached_md5(path: Path, fresh: bool = False) -> str:
     (``km data check``)."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
-    store = cache_dir() / _MD5_CACHE
+    try:  # a cache must never stop a run: an unwritable HOME or a KM_CACHE_DIR that is a file hash every time
+        store = cache_dir() / _MD5_CACHE
+    except OSError:
+        return md5_file(path)
     known = read_json(store)
-    if fresh or key not in known:
+    if fresh or not isinstance(known.get(key), str):
         known = {**read_json(store), key: md5_file(path)}  # re-read: another process may have written
-        write_json_atomic(store, known)
+        try:
+            write_json_atomic(store, known)
+        except OSError:
+            pass
     return known[key]
 
 
@@ -133,7 +139,8 @@ class DataFiles:
         self.name = name
         located, self.source = _locate(data_dir)
         self.root = resolve_data_dir(data_dir) if located is None else located
-        self._manifest = read_json(self.root / MANIFEST).get("md5", {})
+        md5 = read_json(self.root / MANIFEST).get("md5", {})
+        self._manifest = {k: v for k, v in md5.items() if isinstance(v, str)} if isinstance(md5, dict) else {}
 
     def _where(self) -> str:
         return f"in {self.root} ({self.source})"

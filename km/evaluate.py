@@ -31,6 +31,18 @@ def load_run(
     run_dir, ckpt = locate(target)
     state = load_checkpoint(ckpt, map_location)
     saved = state.get("km_config")
+    own = run_dir / "config.yaml"
+    if saved is not None and own.is_file():  # a foreign model's checkpoint placed in this run: refuse
+        try:
+            mine = (OmegaConf.to_container(OmegaConf.load(own)).get("model") or {}).get("name")
+        except Exception:  # noqa: BLE001 - a damaged config.yaml: the checkpoint's own config decides
+            mine = None
+        theirs = (saved.get("model") or {}).get("name")
+        if mine and theirs and mine != theirs:
+            raise RunError(
+                f"checkpoint {ckpt} was trained as model '{theirs}', but {run_dir} is a '{mine}' run; "
+                "evaluate it from the run that made it"
+            )
     if saved is None:
         if not (run_dir / "config.yaml").exists():
             raise RunError(f"{ckpt} is not a kanerva-lab checkpoint (no km_config) and {run_dir} has no config.yaml")

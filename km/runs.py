@@ -109,6 +109,13 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     import torch
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise RunError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        raise RunError(f"{path} is not a checkpoint (a torch checkpoint is a zip file; this one starts {head!r})")
+    try:
         with warnings.catch_warnings(record=True) as said:  # torch's notes on a refused file would add lines
             warnings.simplefilter("always")
             state = torch.load(path, map_location=map_location, weights_only=True)
@@ -121,7 +128,12 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
             f"could run code when loaded ({first})"
         ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
-        raise RunError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).strip()[:150]}") from None
+        others = sorted(q.name for q in Path(path).parent.glob("*.ckpt") if q.name != Path(path).name)
+        hint = f"; the run's other checkpoints: {', '.join(others)} (resume=<that file>)" if others else ""
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise RunError(
+            f"cannot read checkpoint {path}: it is damaged or truncated ({type(e).__name__}: {first}){hint}"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise RunError(f"{path} is not a kanerva-lab checkpoint (no state_dict)")
     return state
@@ -279,7 +291,12 @@ def resolve_resume(resume: str, runs_dir: Path, name: str, run_id: str | None) -
         return None
     p = Path(resume)
     if p.is_file():
-        return (p.parent.parent if p.parent.name == "checkpoints" else p.parent), p
+        if p.parent.name != "checkpoints" or not (p.parent.parent / "config.yaml").is_file():
+            raise RunError(
+                f"cannot resume from {p}: not a checkpoint of a run (<run>/checkpoints/*.ckpt beside the run's "
+                "config.yaml); give the run directory or one of its checkpoints"
+            )
+        return p.parent.parent, p
     if p.is_dir():
         ckpt = last_checkpoint(p)
         if ckpt is None:

@@ -172,6 +172,7 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
                 + ", ".join(r.rstrip(".") + ("*" if r.endswith(".") else "") for r in RESUMABLE)
             )
         cfg.resume = None
+        check_writable_dir(run_dir)
         return cfg, run_dir, ckpt
     if cfg.run_id is None:
         # Lightning's DDP launcher re-executes this command once per rank: the workers take the
@@ -188,6 +189,7 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
             )
     os.environ["KM_RUN_ID"] = cfg.run_id
     run_dir = runs_dir / cfg.name / cfg.run_id
+    check_writable_dir(run_dir)
     if last_checkpoint(run_dir) and is_rank_zero():
         raise RunError(f"{run_dir} already holds a run; continue it with resume={run_dir} or pick another run_id")
     return cfg, run_dir, None
@@ -233,6 +235,18 @@ def check_monitor(cfg: DictConfig, model: EpisodeModel, dm: pl.LightningDataModu
     logged = sorted(f"val/{n}" for n in names)
     if monitor not in logged:
         raise ConfigError(f"bad value for 'checkpoint.monitor': {monitor} (the model logs: {', '.join(logged)})")
+
+
+def check_writable_dir(run_dir: Path) -> None:
+    """The run directory can be a folder we write in: no part of its path is a plain file, and the nearest
+    existing folder is writable (RunError before anything is loaded or written)."""
+    for part in [run_dir, *run_dir.parents]:
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise RunError(f"{part} exists as a file, not a folder; move it, or pick another runs_dir/name/run_id")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise RunError(f"cannot write in {part} (read-only or not ours); pick another runs_dir=...")
+            return
 
 
 def is_rank_zero() -> bool:

@@ -318,3 +318,109 @@ def test_a_sweep_dir_that_is_a_file_and_damaged_state_are_one_line(tmp_path: Pat
         (d / "state.json").write_text(json.dumps({**state, "runs": bad}))
         for cmd in (["sweep", "status", str(d)], ["sweep", "agent", str(d)]):
             assert "runs[0] is not a run record" in _fails(cmd, capsys)
+
+
+# ---- 9. messages that name the real problem ---------------------------------------------------------------
+
+
+def test_checkpoint_messages_name_the_real_problem(finished_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello, not a checkpoint\n")
+    err = _fails(["eval", str(text)], capsys)
+    assert "is not a checkpoint (a torch checkpoint is a zip file" in err and "could run code" not in err
+    err = _fails(["train", f"resume={text}"], capsys)
+    assert f"cannot resume from {text}: not a checkpoint of a run" in err
+    run = tmp_path / "trunc"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    err = _fails(["train", f"resume={run}", "trainer.max_epochs=5"], capsys)
+    assert "is damaged or truncated" in err and "best-epoch" in err  # points at the intact best checkpoint
+
+
+def test_eval_refuses_a_foreign_models_checkpoint_placed_in_a_run(finished_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from km.config import compose_config
+    from km.train import train
+
+    km_run = Path(train(compose_config(tiny(tmp_path, "model=km", "trainer.max_epochs=1", "run_id=km")))["run_dir"])
+    vae = tmp_path / "vae"
+    shutil.copytree(finished_run, vae, ignore=shutil.ignore_patterns(".lock"))
+    before = (vae / "eval.json").read_bytes()
+    foreign = vae / "checkpoints" / "foreign.ckpt"
+    shutil.copy(km_run / "checkpoints" / "last.ckpt", foreign)
+    err = _fails(["eval", str(foreign)], capsys)
+    assert "was trained as model 'km'" in err and "is a 'vae' run" in err
+    assert (vae / "eval.json").read_bytes() == before
+
+
+# ---- 10. km compare --out: never a half-written report --------------------------------------------------
+
+
+def test_compare_outputs_are_whole_or_untouched(finished_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import km.compare.render as render
+
+    out = tmp_path / "report"
+    from km.cli import main
+
+    main(["compare", str(finished_run), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert before["metric_bars.png"] and before["table.md"]
+
+    def full_disk(agg, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "plot_bars", full_disk)  # ENOSPC half way through the set
+    err = _fails(["compare", str(finished_run), "--out", str(out)], capsys)
+    assert "No space left on device; the files there before are untouched" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing 0-byte, no staging left
+
+
+# ---- 7. the file system: one line, and a cache never stops a run ------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["run_dir", "runs_dir"])
+def test_a_run_path_that_is_a_file_is_one_line(tmp_path: Path, where: str, capsys) -> None:
+    runs = tmp_path / "runs"
+    if where == "run_dir":
+        (runs / "default").mkdir(parents=True)
+        (runs / "default" / "plain").write_text("x")
+        args = tiny(tmp_path, "run_id=plain")
+    else:
+        runs.write_text("x")
+        args = tiny(tmp_path)
+    err = _fails(["train", *args], capsys)
+    assert "exists as a file, not a folder" in err
+
+
+def test_a_cache_that_cannot_be_written_never_stops_a_run(tmp_path: Path, monkeypatch) -> None:
+    from datamodules.paths import DataFiles, cached_md5
+
+    f = DataFiles("mnist")
+    path = f.root / "binarized_mnist" / "binarized_mnist.npz"
+    want = cached_md5(path, fresh=True)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("KM_CACHE_DIR", str(tmp_path / "afile"))  # a cache dir that is a file
+    assert cached_md5(path) == want
+    monkeypatch.delenv("KM_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "afile"))  # ~/.cache cannot be made
+    assert cached_md5(path) == want
+    f.verified("binarized_mnist/binarized_mnist.npz")
+
+
+def test_a_manifest_of_the_wrong_shape_is_ignored(tmp_path: Path) -> None:
+    import json
+
+    from datamodules.paths import DataFiles
+    from tests.conftest import DATA_DIR
+
+    data = tmp_path / "data"
+    (data / "binarized_mnist").mkdir(parents=True)
+    (data / "binarized_mnist" / "binarized_mnist.npz").symlink_to(DATA_DIR / "binarized_mnist" / "binarized_mnist.npz")
+    for manifest in ([1, 2], {"md5": ["not", "a", "mapping"]}, {"md5": {"binarized_mnist/binarized_mnist.npz": 3}}):
+        (data / "km_manifest.json").write_text(json.dumps(manifest))
+        assert DataFiles("mnist", data).verified("binarized_mnist/binarized_mnist.npz").is_file()

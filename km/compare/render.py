@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -419,8 +420,35 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
 
 
 def write_outputs(agg: dict[str, Any], rows: list[RunRow], out: Path) -> dict[str, Any]:
-    """Write table.md, table.csv, curves_<data>.png, metric_bars.png, summary.json into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write table.md, table.csv, curves_<data>.png, metric_bars.png, summary.json into `out`.
+
+    Every file is first written whole into a staging folder inside `out` and only then renamed into place, so a
+    kill or a full disk never leaves a 0-byte or half-written report beside the previous one: either the new
+    file or the old one is there. A failure to write removes the staging folder and is one line."""
+    import shutil
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".compare-tmp-", dir=out))
+    except OSError as e:
+        raise _error(f"cannot write the report into {out}: {e.strerror or e}") from None
+    try:
+        res = _write_outputs(agg, rows, stage)
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    except OSError as e:
+        raise _error(
+            f"cannot write the report into {out}: {e.strerror or e}; the files there before are untouched"
+        ) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    here = {k: (out / v.name if isinstance(v, Path) else v) for k, v in res.items()}
+    here["curves"] = [out / c.name for c in res["curves"]]
+    here["bars"] = out / res["bars"].name if res["bars"] else None
+    return here
+
+
+def _write_outputs(agg: dict[str, Any], rows: list[RunRow], out: Path) -> dict[str, Any]:
     md = format_markdown(agg)
     notes = _notes(agg)
     title = f"# {agg['metric']}: {describe(agg['metric'])} (mean ± std over seeds, sample std; '-' = one run)"
