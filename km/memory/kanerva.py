@@ -36,6 +36,14 @@ Writing = exact posterior q(M | Z) = MN(R', U', I_C) (KM Sec. 3, "writing infere
     costs T^3, the information form K^3, so the shape picks the cheaper one, and the information form is
     also the accurate one in float32 when T >> K: Sigma_z is then rank K plus sigma_xi^2 I, and U' from it lost
     22% (sigma_xi^2 = 1e-2) to 2800x (1e-4) of U at T = 256, K = 8, where the information form keeps 3e-7.
+    Shape alone is not enough (issue #30): where the chosen form's factors lose more digits than ``LOSS_LIMIT``
+    (max_i A_ii / L_ii^2, the pivot fractions of the factorisation: blind to mere bad scaling, alive to near
+    singularity), the other form is computed too and, per episode, the one that loses fewer is kept. Measured
+    (tests/test_memory_stress.py): PKM's float32 weighted write with machines at weight 0 and addresses of size
+    100 lost 1.6e-2 to 3e-2 of R in the information form, 6e-6 in the predictive one; a float64 write from a
+    non-isotropic prior of condition 1e12 lost 3e-8 of U through the information form's U^{-1}, under 1e-12 in
+    the predictive one. The check costs one host sync per write (safe_cholesky already makes one); the second form
+    only runs where the first lost digits: KM's step / VAE's 1.05 at K = 256, 1.29 at K = 512 (1 thread, load 4).
     In the predictive form G comes from the explicit small inverse cholesky_inverse(L) and a matmul: with the
     backward pass that was faster on CPU than ``cholesky_solve`` (1.6 ms a call at T = 64). With an
     isotropic U = u I (the prior; ``u0=u``) W U = u W and U^{-1} = I / u cost no product and no inverse.
@@ -227,6 +235,20 @@ def write_batched(
     return _write(state, w, z, sigma_xi2, u_diag_clip, form, u0, with_kl=False)[0]
 
 
+# Digits a Cholesky factorisation loses, max_i A_ii / L_ii^2 (1: none; 10^d: about d digits): the pivot
+# fraction of each step, invariant to a diagonal rescaling of A, so a matrix that is only badly scaled (per-item
+# noise from 1 to 1e8, PKM's machines at weight 0) reads as harmless and a nearly singular one does not. A form
+# whose factors lose more than LOSS_LIMIT is recomputed in the other form, element by element the better one kept.
+LOSS_LIMIT = {torch.float16: 10.0, torch.bfloat16: 10.0, torch.float32: 1e3, torch.float64: 1e6}
+
+
+def _digits_lost(A: Tensor, L: Tensor) -> Tensor:
+    """max_i A_ii / L_ii^2 (...) of a factorisation A = L L^T (see LOSS_LIMIT)."""
+    dA = torch.diagonal(A, dim1=-2, dim2=-1)
+    dL = torch.diagonal(L, dim1=-2, dim2=-1)
+    return (dA / dL.pow(2)).amax(-1).detach()
+
+
 def _write(
     state: MemoryState,
     w: Tensor,
@@ -237,11 +259,41 @@ def _write(
     u0: float | Tensor | None,
     with_kl: bool,
 ) -> tuple[MemoryState, Tensor | None]:
+    """The write in the form asked for; "auto": the cheaper form by shape (predictive iff T <= K), and where
+    that form's factors lose more digits than LOSS_LIMIT (measured: PKM's float32 weighted write with machines at
+    weight 0 lost 2.5e-2 of R in the information form, a float64 write from a prior of condition 1e12 lost 3e-8
+    of U), the other form too, keeping per episode the one that loses fewer."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    T, K = w.shape[-2:]
+    chosen = form if form != "auto" else ("predictive" if T <= K else "information")
+    R_new, U_new, kl, lost = _write_form(state, w, z, sigma_xi2, chosen, u0, with_kl)
+    if form == "auto":
+        limit = LOSS_LIMIT.get(R_new.dtype, 1e3)
+        if bool((lost > limit).any()):
+            other = "information" if chosen == "predictive" else "predictive"
+            R2, U2, kl2, lost2 = _write_form(state, w, z, sigma_xi2, other, u0, with_kl)
+            take = lost2 < lost  # (...) per episode (and machine)
+            R_new = torch.where(take[..., None, None], R2, R_new)
+            U_new = torch.where(take[..., None, None], U2, U_new)
+            if kl is not None:
+                kl = torch.where(take, kl2, kl)
+    return MemoryState(R_new, _symmetrise_and_clip(U_new, u_diag_clip)), kl
+
+
+def _write_form(
+    state: MemoryState,
+    w: Tensor,
+    z: Tensor,
+    sigma_xi2: float | Tensor,
+    form: str,
+    u0: float | Tensor | None,
+    with_kl: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """R', U' (unclipped), the KL (or None) and the digits its factors lost (`_digits_lost`), in one form."""
     R, U = state  # R: (B, K, C), U: (B, K, K)
     T, K = w.shape[-2:]
     C = R.shape[-1]
-    if form == "auto":
-        form = "predictive" if T <= K else "information"
     s = _item_noise(sigma_xi2, w)  # (B, T) noise variance of each item: diag of S
     Delta = z - w @ R  # (B, T, C)  prediction error
     kl = None
@@ -249,6 +301,7 @@ def _write(
         Sigma_c = w @ U if u0 is None else _as_batch(u0, U)[..., None, None] * w  # (B, T, K)  W U
         Sigma_z = Sigma_c @ w.transpose(-1, -2) + torch.diag_embed(s)  # (B, T, T)  W U W^T + S
         L = safe_cholesky(Sigma_z)  # (B, T, T)
+        lost = _digits_lost(Sigma_z, L)
         G = torch.cholesky_inverse(L) @ Sigma_c  # (B, T, K)  Sigma_z^{-1} W U (explicit T x T inverse: see doc)
         D = G.transpose(-1, -2) @ Delta  # (B, K, C)  R' - R = U W^T Sigma_z^{-1} Delta
         U_new = U - Sigma_c.transpose(-1, -2) @ G  # (B, K, K)  U - U W^T Sigma_z^{-1} W U
@@ -261,7 +314,7 @@ def _write(
                 A = torch.cholesky_solve(Delta, L)  # (B, T, C)
                 mahalanobis = (D * (w.transpose(-1, -2) @ A)).sum((-2, -1))
             kl = 0.5 * (mahalanobis - C * tr_drop + C * logdet)
-    elif form == "information":
+    else:  # information
         Ws = w / s[..., None]  # (B, T, K)  S^{-1} W
         P = Ws.transpose(-1, -2) @ w  # (B, K, K)  W^T S^{-1} W, the precision the items add
         H = Ws.transpose(-1, -2) @ Delta  # (B, K, C)  W^T S^{-1} Delta
@@ -270,11 +323,15 @@ def _write(
             u = _as_batch(u0, U)
             U_inv = eye_K / u[..., None, None]  # (B, K, K)  U^{-1} = I / u
             logdet_U = K * u.log()
+            lost_U = torch.ones((), dtype=U.dtype, device=U.device)
         else:
             L_U = safe_cholesky(U)
+            lost_U = _digits_lost(U, L_U)
             U_inv = torch.cholesky_inverse(L_U)  # (B, K, K)
             logdet_U = _logdet_from_factor(L_U)
-        L = safe_cholesky(U_inv + P)  # (B, K, K)  chol(U'^{-1}), U'^{-1} = U^{-1} + W^T S^{-1} W
+        A_info = U_inv + P  # (B, K, K)  U'^{-1} = U^{-1} + W^T S^{-1} W
+        L = safe_cholesky(A_info)  # (B, K, K)  chol(U'^{-1})
+        lost = torch.maximum(_digits_lost(A_info, L), lost_U)
         U_new = torch.cholesky_inverse(L).mT  # (B, K, K)  U' (symmetric: .mT is its row-major view)
         D = U_new @ H  # (B, K, C)  R' - R = U' W^T S^{-1} Delta
         if with_kl:
@@ -285,9 +342,7 @@ def _write(
             else:
                 mahalanobis = (D * (U_inv @ D)).sum((-2, -1))
             kl = 0.5 * (mahalanobis - C * tr_drop + C * logdet)
-    else:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    return MemoryState(R + D, _symmetrise_and_clip(U_new, u_diag_clip)), kl
+    return R + D, U_new, kl, lost
 
 
 def write_online(
