@@ -130,12 +130,25 @@ class InMemoryDataModule(pl.LightningDataModule):
                 + (self.labels_hint if split == "train" and self.labels_hint else f"Use data.{key}=iid.")
             )
 
+    def check_classes(self, split: str) -> None:
+        """One-line DataError when one-class (or k-class) episodes ask for more classes than `split` holds."""
+        self.setup()
+        y = self.y[split]
+        present = int(torch.unique(y[y >= 0]).numel())
+        if self.classes_per_episode > present:
+            raise DataError(
+                f"data.classes_per_episode={self.classes_per_episode} but the {self.name} {split} split has "
+                f"only {present} classes; give at most {present}"
+            )
+
     def check_sizes(self) -> None:
         """One-line DataError when the episode and batch sizes do not fit the loaded splits (checked before a
         run directory exists): T longer than a split, or fewer training episodes per epoch than one batch
         (an epoch of 0 steps); class episodes on a split without labels."""
         for split in SPLITS:
             self._check_labels(split)
+            if self.mode[split] == "class":
+                self.check_classes(split)
         T, B = self.episode_length, self.batch_size
         for split in SPLITS:
             n = len(self.x[split])

@@ -36,7 +36,7 @@ from .base import InMemoryDataModule
 from .catalog import MNIST_NPZ as NPZ  # noqa: E402
 from .catalog import MNIST_TRAIN_IMAGES as TRAIN_IMAGES  # noqa: E402
 from .catalog import MNIST_TRAIN_LABELS as TRAIN_LABELS  # noqa: E402
-from .paths import DataFiles
+from .paths import DataError, DataFiles
 
 VALID_SOURCES = Path(__file__).with_name("mnist_valid_sources.npy")  # MNIST train indices behind Larochelle valid
 TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)  # digits 0..9 of MNIST t10k
@@ -96,7 +96,10 @@ class MNISTDataModule(InMemoryDataModule):
         if binarize not in ("static", "dynamic"):
             raise ValueError(f"binarize must be 'static' or 'dynamic', got {binarize!r}")
         if self.val_size != self.default_val_size:
-            raise ValueError("mnist uses the fixed Larochelle split: val_size is 10000")
+            raise DataError(
+                f"data.val_size={self.val_size}: mnist uses the fixed Larochelle split (10000 validation images); "
+                "leave data.val_size unset (null)"
+            )
         self.binarize = binarize
 
     def required_files(self) -> list[str]:

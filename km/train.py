@@ -301,6 +301,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
     check_memory_budget(cfg, dm.image_shape)
     dm.setup("fit")
     dm.check_sizes()
+    if cfg.test_after_fit and cfg.eval.class_episodes:  # the one-class test pass after training: checked now
+        dm.check_classes("test")
     seed_all(cfg.seed)
     model = build_model(cfg, dm.image_shape, dm.likelihood)
     check_monitor(cfg, model, dm)

@@ -424,3 +424,17 @@ def test_a_manifest_of_the_wrong_shape_is_ignored(tmp_path: Path) -> None:
     for manifest in ([1, 2], {"md5": ["not", "a", "mapping"]}, {"md5": {"binarized_mnist/binarized_mnist.npz": 3}}):
         (data / "km_manifest.json").write_text(json.dumps(manifest))
         assert DataFiles("mnist", data).verified("binarized_mnist/binarized_mnist.npz").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["data.val_size=5"], "data.val_size=5: mnist uses the fixed Larochelle split"),
+        (["data.eval_episodes=class", "data.classes_per_episode=20"], "data.classes_per_episode=20 but the mnist test"),
+        (["eval.class_episodes=true", "data.classes_per_episode=20"], "data.classes_per_episode=20 but the mnist test"),
+    ],
+)
+def test_data_values_that_failed_late_are_one_line_before_training(tmp_path: Path, overrides, says, capsys):
+    err = _fails(["train", *tiny(tmp_path, *overrides)], capsys)
+    assert err.startswith(f"error: {says}"), err
+    assert not (tmp_path / "runs").exists()
