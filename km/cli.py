@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"training stopped: {e}", code=3)
     except KeyboardInterrupt:
         _fail("interrupted; continue with: km train resume=<run dir>", code=130)
+    except OSError as e:  # the file system said no (a full disk, a read-only folder, a path that is a file)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"{e.strerror or type(e).__name__}{where}; nothing was lost: the files written before are intact")
 
 
 if __name__ == "__main__":

@@ -438,3 +438,24 @@ def test_data_values_that_failed_late_are_one_line_before_training(tmp_path: Pat
     err = _fails(["train", *tiny(tmp_path, *overrides)], capsys)
     assert err.startswith(f"error: {says}"), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_full_disk_during_km_eval_is_one_line_and_keeps_the_old_results(
+    finished_run: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import errno
+    import shutil
+
+    import km.evaluate
+
+    run = tmp_path / "full"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    before = (run / "eval.json").read_bytes()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(km.evaluate, "atomic_write_text", full)
+    err = _fails(["eval", str(run)], capsys)
+    assert err.startswith("error: No space left on device (") and "eval.json" in err
+    assert (run / "eval.json").read_bytes() == before
