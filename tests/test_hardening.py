@@ -69,7 +69,8 @@ def test_a_sweep_point_whose_trainer_got_sigterm_is_trained_again(tmp_path: Path
         "method: grid\nmetric: {name: test/neg_elbo, goal: minimize}\nparameters: {seed: {values: [1]}}\n"
         "command: ['${env}', km, train, '${args_no_hyphens}']\n"
     )
-    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, "trainer.max_epochs=6", "logger=csv"))
+    fixed = [o for o in tiny(tmp_path, "trainer.max_epochs=6", "logger=csv") if not o.startswith("seed=")]
+    d = sweep.start_local(spec, tmp_path / "sw", fixed)
     run = tmp_path / "runs" / "sw" / "r001"
     agent = _popen("sweep", "agent", str(d), start_new_session=True)
     try:
@@ -459,3 +460,27 @@ def test_a_full_disk_during_km_eval_is_one_line_and_keeps_the_old_results(
     err = _fails(["eval", str(run)], capsys)
     assert err.startswith("error: No space left on device (") and "eval.json" in err
     assert (run / "eval.json").read_bytes() == before
+
+
+def test_sweep_set_of_a_key_the_spec_sets_is_refused_and_other_keys_reach_the_runs(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from km.sweep.agent import build_command
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"method": "grid", "parameters": {"seed": {"values": [1, 2]}, "trainer.max_epochs": {"value": 10}}}
+        )
+    )
+    err = _fails(
+        ["sweep", "start", str(spec), "--local", "--dir", str(tmp_path / "a"), "--set", "trainer.max_epochs=2"], capsys
+    )
+    assert "--set trainer.max_epochs=2: the spec sets trainer.max_epochs under parameters" in err
+    assert not (tmp_path / "a").exists()
+    d = sweep.start_local(spec, tmp_path / "b", ["eval.is_samples=3"])
+    state = json.loads((d / "state.json").read_text())
+    cmd = build_command(yaml.safe_load(spec.read_text()), state, {"name": "r001", "config": {"seed": 1}}, [])
+    assert "eval.is_samples=3" in cmd
+    err = _fails(["sweep", "agent", str(d), "--set", "seed=5"], capsys)
+    assert "the spec sets seed under parameters" in err

@@ -46,6 +46,11 @@ def _spec(tmp_path: Path, parameters: dict, **extra) -> Path:
     return p
 
 
+def _unswept(overrides: list[str], *swept: str) -> list[str]:
+    """The fixed overrides of a sweep without the keys its spec sweeps (`--set` of those is refused)."""
+    return [o for o in overrides if o.split("=", 1)[0] not in swept]
+
+
 def _state(d: Path) -> dict:
     return json.loads((d / "state.json").read_text())
 
@@ -53,7 +58,7 @@ def _state(d: Path) -> dict:
 @needs_data
 def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = _spec(tmp_path, {"data.batch_size": {"values": [0, 4]}})
-    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST))
+    d = sweep.start_local(spec, tmp_path / "sw", _unswept(tiny(tmp_path, *FAST), "data.batch_size"))
     summary = sweep.run_agent(d)
     assert summary["started"] == 2 and summary["failed"] == 1
     bad, good = _state(d)["runs"]
@@ -208,7 +213,7 @@ def test_sweep_agents_killed_with_9_lose_nothing_and_train_nothing_twice(tmp_pat
     from km.runs import lock_holder, read_meta
 
     spec = _spec(tmp_path, {"seed": {"values": [1, 2]}})
-    d = sweep.start_local(spec, tmp_path / "sw", tiny(tmp_path, *FAST, "trainer.max_epochs=4"))
+    d = sweep.start_local(spec, tmp_path / "sw", _unswept(tiny(tmp_path, *FAST, "trainer.max_epochs=4"), "seed"))
     runs_root = tmp_path / "runs" / "sw"
     r1, r2 = runs_root / "r001", runs_root / "r002"
 

@@ -22,8 +22,9 @@ Runs land in <runs_dir>/<sweep name>/<run name>/ (runs_dir: the last `runs_dir=`
 else the config default `runs`, relative to the agent's working directory). Each run's stdout and
 stderr go to D/logs/<run name>.out / .err. Fixed overrides: `--set` on `start` (saved in state.json,
 used by every agent) and on `agent` (this invocation only), then any `key=value` tokens written in
-the spec's `command` after `train`. Where a fixed override names a swept parameter, the sweep's
-value wins (the fixed one is dropped).
+the spec's `command` after `train`. The one rule for `--set`: it adds keys the spec's `parameters` leave
+alone; a `--set` of a key the parameters set (swept, or fixed with `value:`) is refused in one line (change
+it in the spec). A `key=value` token of the spec's own command that names a parameter is dropped.
 
 state.json (rewritten atomically: temp file + os.replace, under an flock on D/.lock)::
 

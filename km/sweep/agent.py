@@ -246,7 +246,7 @@ def run_agent(sweep_dir: str | Path, count: int | None = None, overrides: list[s
     state = read_state(d)
     spec = yaml.safe_load((d / state.get("spec", SPEC)).read_text())
     extra = list(overrides or [])
-    _check_overrides(extra)
+    _check_overrides(extra, spec)
     started = failed = 0
     reason = f"--count {count} reached"
     while count is None or started < count:

@@ -106,7 +106,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _check_overrides(overrides: list[str]) -> None:
+def _check_overrides(overrides: list[str], spec: dict[str, Any] | None = None) -> None:
+    """`--set KEY=VALUE`: well formed, not reserved, and not a key the spec's parameters set. The one rule:
+    a swept or spec-fixed key is the spec's to set; `--set` adds keys the spec leaves alone (refused in one line
+    rather than silently overridden by the spec, as it was)."""
+    params = (spec or {}).get("parameters") or {}
+    for o in overrides:
+        if override_key(o) in params:
+            raise SweepError(
+                f"--set {o}: the spec sets {override_key(o)} under parameters ({params[override_key(o)]}); "
+                "change it in the spec, or drop --set"
+            )
     for o in overrides:
         try:
             split_override(o)
@@ -187,7 +197,7 @@ def start_local(spec_path: str | Path, sweep_dir: str | Path | None = None, over
     import yaml
 
     spec = load_spec(spec_path)
-    _check_overrides(overrides or [])
+    _check_overrides(overrides or [], spec)
     _check_composes(spec, overrides or [])
     d = Path(sweep_dir) if sweep_dir else Path("runs") / "sweeps" / f"{Path(spec_path).stem}-{secrets.token_hex(2)}"
     if d.exists() and not d.is_dir():
