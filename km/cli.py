@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -215,6 +216,40 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"{n}: ok ({files.root})")
 
 
+# The keys a researcher changes most, with what they do (defaults: `km config` prints every resolved value).
+TRAIN_KEYS = (
+    ("seed=1", "the run's seed"),
+    ("trainer.max_epochs=N", "the budget (epochs x data.train_episodes_per_epoch / data.batch_size steps)"),
+    ("data.train_episodes_per_epoch=N", "episodes per epoch (null: the whole training split)"),
+    ("data.episode_length=T data.batch_size=B", "items per episode, episodes per step"),
+    ("data.episodes=iid|class", "training episodes: unrelated images, or one class each"),
+    ("model.lr=1e-3 model.code_dim=C", "optimiser rate, code size"),
+    ("eval.is_samples=N", "importance samples of the test pass (0: none)"),
+    ("name=NAME run_id=ID", "the run directory runs/NAME/ID"),
+    ("resume=RUN|auto", "continue a run (resume=auto with run_id= continues it if it exists)"),
+    ("trainer.compile=true", "torch.compile the model's step (GPU)"),
+    ("logger=csv", "metrics.csv only, no W&B"),
+)
+
+
+def _train_epilog() -> str:
+    """Config groups with their choices and the most used keys; read from configs/ (no torch, no Hydra)."""
+    from km.config import GROUPS, _group_options
+
+    lines = ["config groups (GROUP=CHOICE):"]
+    for g in GROUPS:
+        opts = ", ".join(_group_options(g)) or "-"
+        lines += textwrap.wrap(opts, 108, initial_indent=f"  {g:<11} ", subsequent_indent=" " * 14)
+    lines += ["", "most used keys:"]
+    lines += [f"  {k:<42} {what}" for k, what in TRAIN_KEYS]
+    lines += [
+        "",
+        "shorter runs: experiment=debug (a whole train-eval loop in seconds), or lower trainer.max_epochs and",
+        "data.train_episodes_per_epoch. Every key and its value: km config [overrides...]  (e.g. km config model=km)",
+    ]
+    return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format: one `error:` line naming the command's --help, exit code 2."""
 
@@ -258,7 +293,13 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="km", description="kanerva-lab: Kanerva Machine experiments")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model (Hydra overrides)")
+    t = sub.add_parser(
+        "train",
+        help="train a model (Hydra overrides)",
+        description="Train a model: Hydra overrides KEY=VALUE and GROUP=CHOICE (a typo is one line, exit 2).",
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a run on the test episodes")

@@ -326,6 +326,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         done = _check_resume(cfg, run_dir, start_epoch)
         if done is not None:
             return done
+    if is_rank_zero():
+        _announce(cfg, run_dir, model, dm, start_epoch if ckpt is not None else None)
     if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
         return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
     with RunLock(run_dir):
@@ -353,6 +355,23 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
             msg = f"interrupted by {sig[0]}; {keep}: continue with km train resume={run_dir}"
             mark_failed(run_dir, msg, status="interrupted")
             raise RunInterrupted(msg, sig[1]) from None
+
+
+def _announce(
+    cfg: DictConfig, run_dir: Path, model: EpisodeModel, dm: pl.LightningDataModule, start: int | None
+) -> None:
+    """The run's first line: where it lives, what it trains and for how long (before the trainer starts)."""
+    per_epoch = len(dm.episodes("train"))
+    epochs = int(cfg.trainer.max_epochs)
+    steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps > 0 else per_epoch * epochs
+    n = sum(p.numel() for p in model.parameters())
+    cont = f", continuing after epoch {start}" if start is not None else ""
+    print(
+        f"run {run_dir}: {cfg.model.name} on {cfg.data.name}, {n / 1e6:.2f}M parameters, {steps} optimiser steps "
+        f"planned ({epochs} epochs x {per_epoch}){cont}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:

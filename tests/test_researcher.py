@@ -1,0 +1,41 @@
+"""Issue #31, a researcher's day: `km train --help` answers which models there are and how to shorten a run;
+`experiment=debug` runs train-evaluate-compare in seconds; a run's first line says where it is and how long."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from km.cli import main
+from tests.conftest import DATA_DIR, needs_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_help_lists_groups_choices_keys_and_km_config() -> None:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "km.cli", "train", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    text = out.stdout
+    for group, choice in (("model", "pkm"), ("data", "omniglot"), ("trainer", "gpu"), ("logger", "csv")):
+        line = next(x for x in text.splitlines() if x.strip().startswith(group + " "))
+        assert choice in line, line
+    assert "experiment=debug" in text and "cpu_km_omniglot" in text and "paper_km_omniglot" in text
+    assert "trainer.max_epochs=N" in text and "km config" in text
+    assert time.time() - t0 < 10  # no torch behind --help
+
+
+@needs_data
+def test_debug_experiment_trains_evaluates_and_compares_in_seconds(tmp_path: Path, capsys) -> None:
+    t0 = time.time()
+    runs = tmp_path / "runs"
+    main(["train", "experiment=debug", f"runs_dir={runs}", f"data.data_dir={DATA_DIR}"])
+    err = capsys.readouterr().err
+    first = err.strip().splitlines()[0]
+    assert first.startswith(f"run {runs}/debug/") and "vae on mnist" in first
+    assert "M parameters, 16 optimiser steps planned (2 epochs x 8)" in first
+    main(["compare", str(runs / "debug"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "table.md").is_file()
+    assert time.time() - t0 < 60
