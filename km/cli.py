@@ -51,8 +51,33 @@ def _saved_choices(overrides: list[str]) -> list[str]:
     return [f"{g}={v}" for g, v in choices.items() if g in GROUPS and g not in given and isinstance(v, str)]
 
 
+def check_run_path(target: str, prefix: str = "") -> None:
+    """A run path given to resume=, km eval, km sample, km denoise or km study, checked before torch loads
+    (well under a second): it exists, and a folder is a run, not a folder of runs (those are listed)."""
+    p = Path(target)
+    if not p.exists():
+        _fail(f"{prefix}no such run directory or checkpoint: {p}")
+    if p.is_dir() and not (p / "config.yaml").is_file() and not (p / "checkpoints").is_dir():
+        runs = sorted(str(c.parent.relative_to(p)) for c in p.glob("**/config.yaml") if "wandb" not in c.parts)
+        if runs:
+            shown = ", ".join(runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
+            _fail(
+                f"{p} is a folder of {len(runs)} runs, not a run: {shown}; give one of them (km compare takes the folder)"
+            )
+        _fail(f"{p} holds no run (no config.yaml, no checkpoints/)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from km.config import compose_config
+    from km.overrides import split_override
+
+    for o in args.overrides:  # a resume path is checked before Hydra and torch
+        try:
+            key, value = split_override(o)
+        except Exception:  # noqa: BLE001 - a malformed override: compose_config says why
+            continue
+        if key == "resume" and value not in ("auto", "", "null", None):
+            check_run_path(str(value), prefix="cannot resume: ")
 
     # a bad option is refused before torch is even imported; a resumed run composes with its own groups
     cfg = compose_config(_saved_choices(args.overrides) + args.overrides)
@@ -107,18 +132,18 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from km.evaluate import evaluate
-
     _check_counts(args)
+    check_run_path(args.target)
+    from km.evaluate import evaluate
 
     ev = evaluate(args.target, split=args.split, is_samples=args.is_samples, overrides=args.overrides)
     print(f"wrote {ev['file']}")
 
 
 def _test_episodes(args: argparse.Namespace):
-    from km.evaluate import load_run
-
     _check_counts(args)
+    check_run_path(args.target)
+    from km.evaluate import load_run
 
     cfg, run_dir, ckpt, dm, model = load_run(args.target, args.overrides)
     dm.setup("test")
@@ -128,6 +153,7 @@ def _test_episodes(args: argparse.Namespace):
 
 
 def cmd_denoise(args: argparse.Namespace) -> None:
+    check_run_path(args.target)
     from km.pictures import denoise_chain
 
     run_dir, dm, model, x = _test_episodes(args)
@@ -150,6 +176,7 @@ def cmd_denoise(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    check_run_path(args.target)
     from km.pictures import addressing_heatmap, machine_pictures, sample_chain, window_picture
 
     run_dir, dm, model, x = _test_episodes(args)
@@ -168,6 +195,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
+    for r in args.runs:
+        check_run_path(r)
     from km.study import StudyError, main
 
     try:

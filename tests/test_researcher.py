@@ -39,3 +39,25 @@ def test_debug_experiment_trains_evaluates_and_compares_in_seconds(tmp_path: Pat
     main(["compare", str(runs / "debug"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "table.md").is_file()
     assert time.time() - t0 < 60
+
+
+def test_missing_paths_and_folders_of_runs_are_named_before_torch_loads(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "ux" / name).mkdir(parents=True)
+        (tmp_path / "ux" / name / "config.yaml").write_text("x: 1\n")
+    cases = [
+        (["eval", str(tmp_path / "nope")], "error: no such run directory or checkpoint"),
+        (["train", f"resume={tmp_path / 'nope'}"], "error: cannot resume: no such run directory or checkpoint"),
+        (["sample", str(tmp_path / "nope")], "error: no such run directory or checkpoint"),
+        (["study", "capacity", str(tmp_path / "nope")], "error: no such run directory or checkpoint"),
+        (["eval", str(tmp_path / "ux")], "is a folder of 2 runs, not a run: a, b"),
+    ]
+    code = "import sys, time; t = time.time(); from km.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+    code += "    print('torch' in sys.modules, round(time.time() - t, 2), file=sys.stderr)"
+    for argv, says in cases:
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2, (argv, p.stderr)
+        err, tail = p.stderr.strip().splitlines()[0], p.stderr.strip().splitlines()[-1]
+        assert says in err, (argv, err)
+        torch_loaded, seconds = tail.split()
+        assert torch_loaded == "False" and float(seconds) < 1.0, (argv, tail)
