@@ -26,7 +26,6 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 
 from km.runs import append_metrics
 
@@ -71,8 +70,12 @@ class SampleGrid(pl.Callback):
         from km.runs import NonFiniteLossError
 
         path = self.out_dir / f"epoch_{trainer.current_epoch:03d}.png"
+        from km.pictures import picture_title
+
+        when = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step} (validation episodes)"
+        title = picture_title(pl_module, self.out_dir.parent, when)
         try:  # the pictures write and sample memories too: a diverged memory is the same clean stop as a NaN loss
-            save_grid(pl_module, self.batch, path, self.columns)
+            save_grid(pl_module, self.batch, path, self.columns, title=title)
             heat = addressing_heatmap(
                 pl_module, self.batch, self.out_dir / f"addressing_{trainer.current_epoch:03d}.png"
             )
@@ -94,8 +97,12 @@ class SampleGrid(pl.Callback):
 
 
 @torch.no_grad()
-def save_grid(model: Any, x: torch.Tensor, path: Path, columns: int = 16) -> Path:
-    """x: (E, T, C, H, W) episodes -> PNG with 3 rows per episode (data, recon, samples)."""
+def save_grid(model: Any, x: torch.Tensor, path: Path, columns: int = 16, title: str | None = None) -> Path:
+    """x: (E, T, C, H, W) validation episodes -> a labelled PNG with 3 rows per episode: the data, its
+    reconstruction (read from the memory the episode was written to), samples from that memory (a model
+    without a memory, the VAE: plain reconstructions and samples from the prior)."""
+    from km.pictures import labelled_grid
+
     was_training = model.training
     model.eval()
     x = x[:, :columns]
@@ -103,9 +110,15 @@ def save_grid(model: Any, x: torch.Tensor, path: Path, columns: int = 16) -> Pat
     memory = model.write(x)
     recon = model.lik.mean(model.read(x, memory).flatten(0, 1)).view_as(x)
     samples = model.generate(memory, t, batch=e)  # (E, T, C, H, W)
-    rows = torch.stack([x, recon, samples], dim=1).flatten(0, 2)  # (E*3*T, C, H, W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(rows.float().cpu(), nrow=t, padding=2, pad_value=0.5), path)
+    has = memory is not None
+    rows = []
+    for i in range(e):
+        rows += [
+            (f"episode {i + 1}: data", x[i]),
+            (f"episode {i + 1}: " + ("reconstruction from its memory" if has else "reconstruction"), recon[i]),
+            (f"episode {i + 1}: " + ("samples from its memory" if has else "samples from the prior"), samples[i]),
+        ]
+    labelled_grid(rows, title or "validation episodes", path)
     model.train(was_training)
     return path
 

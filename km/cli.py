@@ -52,7 +52,7 @@ def _saved_choices(overrides: list[str]) -> list[str]:
 
 
 def check_run_path(target: str, prefix: str = "") -> None:
-    """A run path given to resume=, km eval, km sample, km denoise or km study, checked before torch loads
+    """A run path given to resume=, km eval, km sample, km denoise or km study (after the command's options), checked before torch loads
     (well under a second): it exists, and a folder is a run, not a folder of runs (those are listed)."""
     p = Path(target)
     if not p.exists():
@@ -153,13 +153,14 @@ def _test_episodes(args: argparse.Namespace):
 
 
 def cmd_denoise(args: argparse.Namespace) -> None:
-    check_run_path(args.target)
-    from km.pictures import denoise_chain
-
     run_dir, dm, model, x = _test_episodes(args)
+    from km.pictures import checkpoint_when, denoise_chain, picture_title
+
     binary = dm.likelihood == "bernoulli"
     path = run_dir / "denoise" / f"noise{args.noise:g}_iters{args.iters}.png"
-    rows = denoise_chain(model, x, args.noise, args.iters, binary, path)
+
+    title = picture_title(model, run_dir, f"{checkpoint_when(model)} | iterative reading of corrupted test items")
+    rows = denoise_chain(model, x, args.noise, args.iters, binary, path, title=title)
     energy = "energy" in rows[0]
     print(
         f"{'iter':>4} {'L1 error':>9}"
@@ -176,11 +177,20 @@ def cmd_denoise(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    check_run_path(args.target)
-    from km.pictures import addressing_heatmap, machine_pictures, sample_chain, window_picture
-
     run_dir, dm, model, x = _test_episodes(args)
-    path = sample_chain(model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png")
+    from km.pictures import (
+        addressing_heatmap,
+        checkpoint_when,
+        machine_pictures,
+        picture_title,
+        sample_chain,
+        window_picture,
+    )
+
+    title = picture_title(model, run_dir, f"{checkpoint_when(model)} | samples conditioned on one test episode")
+    path = sample_chain(
+        model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png", title=title
+    )
     print(
         f"samples: {path}  (rows: conditioning episode, one-shot samples, after 1..{args.iters} reads, prior samples)"
     )
@@ -195,6 +205,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
+    _check_counts(args)  # the options first, then the runs' paths, both before torch loads
     for r in args.runs:
         check_run_path(r)
     from km.study import StudyError, main

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 
 def corrupt(x: torch.Tensor, noise: float, binary: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,17 +32,64 @@ def reconstruction_errors(chain: list[torch.Tensor], clean: torch.Tensor, binary
     return rows
 
 
-def _save_rows(rows: list[torch.Tensor], path: Path) -> Path:
-    """rows: list of (N, C, H, W) -> one PNG, one row each."""
-    n = rows[0].shape[0]
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], title: str, path: Path) -> Path:
+    """rows: (label, images (N, C, H, W) in [0, 1]) -> one PNG, one labelled row each, under `title`, so the
+    picture says what it shows without the README. The title and the row labels are also stored as the PNG's
+    `Title` and `Description` text (one label a line), for tools and tests that read a picture's text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(r.shape[0] for _, r in rows)
+    imgs = [torch.cat([r, r.new_full((n - r.shape[0], *r.shape[1:]), 0.5)]) if r.shape[0] < n else r for _, r in rows]
+    grid = make_grid(torch.cat(imgs).float().cpu().clamp(0, 1), nrow=n, padding=2, pad_value=0.5)  # (3, H', W')
+    H = rows[0][1].shape[-2] + 2
+    labels = [label for label, _ in rows]
+    fig, ax = plt.subplots(figsize=(0.42 * n + 3.2, 0.42 * len(rows) + 0.9))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([1 + i * H + H / 2 for i in range(len(rows))], labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9, loc="left")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2, pad_value=0.5), path)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Title": title, "Description": "\n".join(labels)})
+    plt.close(fig)
     return path
+
+
+def picture_title(model: Any, run_dir: Path | None, when: str) -> str:
+    """'KanervaMachine (km) | run cpu_km_omniglot/s1 | epoch 3, step 120': what, whose, when."""
+    name = (getattr(model, "km_config", None) or {}).get("model", {}).get("name", "?")
+    run = f"run {run_dir.parent.name}/{run_dir.name}" if run_dir is not None else "no run"
+    return f"{type(model).__name__} ({name}) | {run} | {when}"
+
+
+def checkpoint_when(model: Any) -> str:
+    """'checkpoint of epoch N, step S' of a model loaded by load_run (epochs counted from 1)."""
+    epoch, step = getattr(model, "checkpoint_epoch", None), getattr(model, "checkpoint_step", None)
+    return f"checkpoint of epoch {epoch + 1}, step {step}" if epoch is not None and epoch >= 0 else "checkpoint"
+
+
+def _err_text(row: dict[str, float]) -> str:
+    parts = [f"L1 {row['l1']:.3f}"]
+    if "pixel_error" in row:
+        parts.append(f"wrong pixels {row['pixel_error']:.3f}")
+    if "energy" in row:
+        parts.append(f"energy {row['energy']:.1f} nats/image")
+    return ", ".join(parts)
 
 
 @torch.no_grad()
 def denoise_chain(
-    model: Any, x: torch.Tensor, noise: float, iters: int, binary: bool, path: Path, columns: int = 12, seed: int = 0
+    model: Any,
+    x: torch.Tensor,
+    noise: float,
+    iters: int,
+    binary: bool,
+    path: Path,
+    columns: int = 12,
+    seed: int = 0,
+    title: str | None = None,
 ) -> list[dict[str, float]]:
     """Write clean episodes x (B, T, ...) to memory, corrupt them, read iteratively.
 
@@ -54,16 +101,31 @@ def denoise_chain(
     noisy = corrupt(x, noise, binary, gen)
     memory = model.write(x)
     chain = model.denoise(noisy, memory, iters)
-    _save_rows([x[0, :columns], noisy[0, :columns], *[c[0, :columns] for c in chain]], path)
     rows = reconstruction_errors([noisy, *chain], x, binary)
     if hasattr(model, "energy"):
         for row, x_i in zip(rows, [noisy, *chain], strict=True):
             row["energy"] = model.energy(x_i, memory).mean().item()
+    what = f"{'flipped' if binary else 'noise std'} {noise:g}"
+    labelled_grid(
+        [
+            ("stored episode (written to memory)", x[0, :columns]),
+            (f"corrupted query ({what}): {_err_text(rows[0])}", noisy[0, :columns]),
+            *[
+                (f"read {i}: {_err_text(r)}", c[0, :columns])
+                for i, (r, c) in enumerate(zip(rows[1:], chain, strict=True), 1)
+            ],
+        ],
+        title
+        or f"iterative reading of corrupted stored items, {iters} reads (errors: mean over {x.shape[0]} episodes)",
+        path,
+    )
     return rows
 
 
 @torch.no_grad()
-def sample_chain(model: Any, x: torch.Tensor, iters: int, path: Path, columns: int = 12) -> Path:
+def sample_chain(
+    model: Any, x: torch.Tensor, iters: int, path: Path, columns: int = 12, title: str | None = None
+) -> Path:
     """Condition on episode x (1, T, ...): PNG rows = the episode, one-shot samples from its memory,
     then those samples after 1..n iterative reads, and a last row of samples from the prior memory."""
     model.eval()
@@ -71,7 +133,17 @@ def sample_chain(model: Any, x: torch.Tensor, iters: int, path: Path, columns: i
     samples = model.generate(memory, columns, batch=1)  # (1, n, C, H, W)
     chain = model.denoise(samples, memory, iters) if iters else []
     prior = model.generate(None, columns, batch=1)
-    return _save_rows([x[0, :columns], samples[0], *[c[0] for c in chain], prior[0]], path)
+    src = "its memory" if memory is not None else "the prior (no memory: the episode is not used)"
+    return labelled_grid(
+        [
+            ("conditioning episode (written to memory)", x[0, :columns]),
+            (f"one-shot samples from {src}", samples[0]),
+            *[(f"samples after {i} read(s)", c[0]) for i, c in enumerate(chain, 1)],
+            ("samples from the prior memory" if memory is not None else "samples from the prior", prior[0]),
+        ],
+        title or "samples conditioned on one episode",
+        path,
+    )
 
 
 @torch.no_grad()
@@ -123,7 +195,12 @@ def machine_pictures(model: Any, x: torch.Tensor, folder: Path, per_machine: int
         pad = torch.full((per_machine - len(chosen), *items.shape[1:]), 0.5)
         rows.append(torch.cat([chosen, pad]))
     folder.mkdir(parents=True, exist_ok=True)
-    grid = _save_rows(rows, folder / "machines.png")
+    counts = torch.bincount(dominant, minlength=P)
+    grid = labelled_grid(
+        [(f"machine {p}: {int(counts[p])} items (mean weight {pi[:, p].mean():.2f})", r) for p, r in enumerate(rows)],
+        f"{type(model).__name__}: test items grouped by their dominant machine (grey: no more items)",
+        folder / "machines.png",
+    )
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].bar(range(P), torch.bincount(dominant, minlength=P).numpy())
     ax[0].set(xlabel="machine", ylabel="items", title=f"dominant machine of {len(items)} items")

@@ -286,7 +286,20 @@ def _available_memory() -> int | None:
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict.
+    """Fit (or continue) a run, then evaluate its best checkpoint. Returns a summary dict (see `_run`).
+
+    trainer.num_threads applies to this run only: the caller's torch thread count is restored on return, so
+    one run in a notebook or a test does not change the arithmetic (and the last bits) of the next."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, overrides)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fit (or continue) a run, then evaluate its best checkpoint.
 
     Order, so that bad input loses nothing: every value is checked, the data are loaded and checked against
     the batch and episode sizes, the model is built and a checkpoint to continue from is loaded into it, all
@@ -326,8 +339,6 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
         done = _check_resume(cfg, run_dir, start_epoch)
         if done is not None:
             return done
-    if is_rank_zero():
-        _announce(cfg, run_dir, model, dm, start_epoch if ckpt is not None else None)
     if not is_rank_zero():  # DDP workers write through rank 0, which holds the lock
         return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
     with RunLock(run_dir):
@@ -343,6 +354,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
                 f"{run_dir} moved on while this trainer was starting (another trainer wrote {ckpt.name}); "
                 "run the same command again to continue from there"
             )
+        _announce(cfg, run_dir, model, dm, start_epoch if ckpt is not None else None)  # only a run that goes ahead
         try:
             return _train(cfg, overrides, run_dir, ckpt, start_epoch, dm, model, source)
         except BaseException as e:

@@ -409,3 +409,15 @@ def test_rich_bar_numbers_epochs_from_one_like_every_printed_line() -> None:
     )
     trainer.fit(Tiny(), train_dataloaders=TwoBatches())
     assert [d.split("]")[-1].strip() for d in seen] == ["Epoch 1/2", "Epoch 1/2", "Epoch 2/2", "Epoch 2/2"]
+
+
+def test_a_run_leaves_the_callers_thread_count_alone(tmp_path: Path) -> None:
+    """trainer.num_threads is the run's, not the process's: a later run in the same process (a test, a notebook)
+    computes with the threads it had (the thread count changes the last bits of the sums)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "test_after_fit=false", "trainer.num_threads=1")))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
