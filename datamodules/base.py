@@ -41,8 +41,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         data_dir: data folder (else KM_DATA_DIR, else <repo>/../shared/data).
         episode_length: T, images per episode.
         batch_size: B, episodes per batch.
-        episodes: training episodes, "iid" (random permutation) or "class" (``classes_per_episode``
-            classes per episode).
+        episodes: training episodes, "iid" (random permutation), "class" (``classes_per_episode``
+            classes per episode) or "mixed": in every batch round(``class_fraction`` x B) class episodes,
+            the rest iid.
         eval_episodes: test episodes, "iid" (default) or "class"; fixed by ``eval_seed`` either way,
             so every run is scored on the same episodes. Val episodes are always iid (checkpoint
             selection compares runs on one protocol).
@@ -65,6 +66,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         episodes: str = "iid",
         classes_per_episode: int = 4,
+        class_fraction: float = 0.5,
         eval_episodes: str = "iid",
         train_episodes_per_epoch: int | None = None,
         val_episodes: int | None = None,
@@ -74,13 +76,16 @@ class InMemoryDataModule(pl.LightningDataModule):
         eval_seed: int = 0,
     ):
         super().__init__()
-        for key, mode in (("episodes", episodes), ("eval_episodes", eval_episodes)):
-            if mode not in ("iid", "class"):
-                raise ValueError(f"{key} must be 'iid' or 'class', got {mode!r}")
+        if episodes not in ("iid", "class", "mixed"):
+            raise ValueError(f"episodes must be 'iid', 'class' or 'mixed', got {episodes!r}")
+        if eval_episodes not in ("iid", "class"):
+            raise ValueError(f"eval_episodes must be 'iid' or 'class', got {eval_episodes!r}")
+        if not 0 <= class_fraction <= 1:
+            raise ValueError(f"class_fraction must be in [0, 1], got {class_fraction!r}")
         self._data_dir_arg = data_dir
         self.data_dir = data_dir  # the resolved folder once verify() or setup() ran
         self.episode_length, self.batch_size = episode_length, batch_size
-        self.classes_per_episode = classes_per_episode
+        self.classes_per_episode, self.class_fraction = classes_per_episode, class_fraction
         self.mode = {"train": episodes, "val": "iid", "test": eval_episodes}  # split -> episode construction
         self.n_episodes = {"train": train_episodes_per_epoch, "val": val_episodes, "test": test_episodes}
         self.val_size = self.default_val_size if val_size is None else val_size
@@ -123,10 +128,10 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def _check_labels(self, split: str) -> None:
         self.setup()
-        if self.mode[split] == "class" and bool((self.y[split] < 0).any()):
+        if self.mode[split] in ("class", "mixed") and bool((self.y[split] < 0).any()):
             key = "episodes" if split == "train" else "eval_episodes"
             raise DataError(
-                f"data.{key}=class needs class labels, but the {self.name} {split} split has none. "
+                f"data.{key}={self.mode[split]} needs class labels, but the {self.name} {split} split has none. "
                 + (self.labels_hint if split == "train" and self.labels_hint else f"Use data.{key}=iid.")
             )
 
@@ -147,7 +152,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         (an epoch of 0 steps); class episodes on a split without labels."""
         for split in SPLITS:
             self._check_labels(split)
-            if self.mode[split] == "class":
+            if self.mode[split] in ("class", "mixed"):
                 self.check_classes(split)
         T, B = self.episode_length, self.batch_size
         for split in SPLITS:
@@ -176,6 +181,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             mode=self.mode[split],
             labels=self.y[split],
             classes_per_episode=self.classes_per_episode,
+            class_fraction=self.class_fraction,
             seed=self.seed if train else stable_seed("eval", self.eval_seed),
             rank=rank,
             world_size=world_size,

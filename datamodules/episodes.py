@@ -80,15 +80,16 @@ class EpisodeLoader:
         mode: str = "iid",
         labels: Tensor | None = None,
         classes_per_episode: int = 4,
+        class_fraction: float = 0.5,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         epoch_fn: Callable[[], int] | None = None,
     ):
-        if mode not in ("iid", "class"):
-            raise ValueError(f"episodes must be 'iid' or 'class', got {mode!r}")
-        if mode == "class" and labels is None:
-            raise ValueError("episodes='class' needs labels")
+        if mode not in ("iid", "class", "mixed"):
+            raise ValueError(f"episodes must be 'iid', 'class' or 'mixed', got {mode!r}")
+        if mode != "iid" and labels is None:
+            raise ValueError(f"episodes={mode!r} needs labels")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.split, self.n_items, self.train = split, n_items, train
@@ -97,6 +98,7 @@ class EpisodeLoader:
         if self.n_episodes < 1:
             raise ValueError(f"{split}: {n_items} items give no episode of length {episode_length}")
         self.mode, self.labels, self.classes_per_episode = mode, labels, classes_per_episode
+        self.class_fraction = class_fraction
         self.seed, self.rank, self.world_size, self.epoch_fn = seed, rank, world_size, epoch_fn
         self._next_epoch = 0
         self._eval_batches: list[Tensor] | None = None
@@ -111,10 +113,23 @@ class EpisodeLoader:
         per_rank = -(-self.n_episodes // self.world_size)
         return -(-per_rank // self.batch_size)
 
+    def class_per_batch(self) -> int:
+        """Class episodes in each batch: B (class), 0 (iid), round(class_fraction x B) (mixed)."""
+        B = self.batch_size
+        return {"class": B, "iid": 0}.get(self.mode, round(self.class_fraction * B))
+
     def _draw(self, gen: torch.Generator) -> Tensor:
+        E, T = self.n_episodes, self.episode_length
         if self.mode == "class":
-            return class_episodes(self.labels, self.n_episodes, self.episode_length, self.classes_per_episode, gen)
-        return iid_episodes(self.n_items, self.n_episodes, self.episode_length, gen)
+            return class_episodes(self.labels, E, T, self.classes_per_episode, gen)
+        if self.mode == "iid":
+            return iid_episodes(self.n_items, E, T, gen)
+        # mixed: episode j is a class episode where j's position in its batch is < k, so every batch of B
+        # holds exactly k class episodes (then B - k iid ones)
+        cls = class_episodes(self.labels, E, T, self.classes_per_episode, gen)  # (E, T)
+        iid = iid_episodes(self.n_items, E, T, gen)  # (E, T)
+        is_class = (torch.arange(E) % self.batch_size) < self.class_per_batch()  # (E,)
+        return torch.where(is_class[:, None], cls, iid)
 
     def epoch_batches(self, epoch: int) -> list[Tensor]:
         """This rank's training batches for ``epoch``: list of (B, T) LongTensors."""

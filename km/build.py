@@ -120,13 +120,14 @@ def init_weights_from(model: EpisodeModel, source: str) -> tuple[Path, str]:
 
 
 def plain_batches_for_memoryless(cfg: DictConfig) -> None:
-    """A model without an episode-level latent (VAE) trains on iid batches: `data.episodes=class` groups
+    """A model without an episode-level latent (VAE) trains on iid batches: `data.episodes=class` (or mixed) groups
     a minibatch into few classes, which handicaps such a model and biases any comparison against it.
     Test episodes (`data.eval_episodes`) are untouched, so every model is scored on the same episodes."""
-    if not model_class(cfg.model.name).episodic and str(cfg.data.episodes) == "class":
+    if not model_class(cfg.model.name).episodic and str(cfg.data.episodes) in ("class", "mixed"):
+        was = str(cfg.data.episodes)
         cfg.data.episodes = "iid"
         print(
             f"model={cfg.model.name} has no episode memory: it trains on iid batches "
-            "(data.episodes=class applies to memory models only)",
+            f"(data.episodes={was} applies to memory models only)",
             file=sys.stderr,
         )

@@ -24,6 +24,8 @@ GROUPS = ("model", "data", "trainer", "logger", "experiment")
 
 
 Episodes = Choice("Episodes", [("iid", "iid"), ("class", "class")])  # "class" is a keyword: functional API
+# training episodes may also mix the two: data.class_fraction of each batch one-class, the rest iid
+TrainEpisodes = Choice("TrainEpisodes", [("iid", "iid"), ("class", "class"), ("mixed", "mixed")])
 Binarize = Choice("Binarize", {"static": "static", "dynamic": "dynamic"})
 ProgressBar = Choice("ProgressBar", {"auto": "auto", "rich": "rich", "none": "none"})
 WandbMode = Choice("WandbMode", {"online": "online", "offline": "offline", "disabled": "disabled"})
@@ -43,8 +45,9 @@ class DataConfig:
     data_dir: str | None = None  # None: KM_DATA_DIR, then ../shared/data
     episode_length: int = 32  # T
     batch_size: int = 16  # B episodes per batch
-    episodes: Episodes = Episodes.iid  # iid | class
+    episodes: TrainEpisodes = TrainEpisodes.iid  # iid | class | mixed (training episodes)
     classes_per_episode: int = 4
+    class_fraction: float = 0.5  # episodes=mixed: this fraction of each batch's episodes is class episodes
     eval_episodes: Episodes = Episodes.iid  # test episodes: iid | class (classes_per_episode each); val stays iid
     train_episodes_per_epoch: int | None = None  # None: the whole training split
     val_episodes: int | None = None  # None: every full episode of the split
@@ -182,6 +185,10 @@ RANGES = {
     "data.episode_length": (lambda v: v >= 1, ">= 1"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.classes_per_episode": (lambda v: v >= 1, ">= 1"),
+    "data.class_fraction": (
+        lambda v: 0 <= v <= 1,
+        "in [0, 1]: the fraction of each batch's episodes that are class episodes",
+    ),
     "net.embed_dim": (lambda v: v >= 1, ">= 1"),
     "net.channels": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive filter counts"),
     "eval.is_samples": (lambda v: v >= 0, ">= 0"),

@@ -86,6 +86,10 @@ class ModelConfig:
     code_dim: int = 64  # C: size of the latent code z that the decoder reads
     optimizer: Optimizer = Optimizer.adam
     kl_weights: KLWeights = field(default_factory=KLWeights)
+    # Training loss only: + heldout_loss x the held-out bound of each training episode (memory written from the
+    # first T - n items, the n = eval.heldout_targets (T // 4) targets scored with every KL of their own), the
+    # few-shot objective trained directly; 0: the joint bound alone. Memoryless models (the VAE) ignore it.
+    heldout_loss: float = 0.0
 
     def check(self) -> None:
         """Ranges a type cannot express, checked when the config is composed (before any run directory
@@ -97,6 +101,7 @@ class ModelConfig:
         need(self.lr > 0, "lr", self.lr, "> 0")
         need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         need(self.code_dim >= 1, "code_dim", self.code_dim, ">= 1")
+        need(self.heldout_loss >= 0, "heldout_loss", self.heldout_loss, ">= 0")
         for k in ("memory", "z", "addressing", "warmup_steps"):
             v = getattr(self.kl_weights, k)
             need(v >= 0, f"kl_weights.{k}", v, ">= 0")

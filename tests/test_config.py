@@ -29,7 +29,7 @@ def test_overrides_are_applied_and_typed() -> None:
     [
         (
             "model.lrr=1",
-            "unknown config key 'model.lrr'; valid keys under 'model': code_dim, kl_weights, lr, name, "
+            "unknown config key 'model.lrr'; valid keys under 'model': code_dim, heldout_loss, kl_weights, lr, name, "
             "optimizer, weight_decay",
         ),
         ("trainer.max_epoch=3", "valid keys under 'trainer': accelerator"),
@@ -37,7 +37,7 @@ def test_overrides_are_applied_and_typed() -> None:
         ("model=vaee", "unknown model 'vaee'; valid options: "),
         ("data=mnistt", "unknown data 'mnistt'; valid options: cifar10, mnist, omniglot"),
         ("trainer.max_epochs=abc", "bad value for 'trainer.max_epochs'"),
-        ("data.episodes=iidd", "expected one of [iid, class]"),
+        ("data.episodes=iidd", "expected one of [iid, class, mixed]"),
         ("data.batch_size=0", "bad value for 'data.batch_size': 0 (must be >= 1)"),
         ("model.lr=-1", "bad value for 'model.lr': -1.0 (must be > 0)"),
         ("eval.heldout_targets=0", "bad value for 'eval.heldout_targets': 0 (must be in [1, T - 1] = [1, 31]"),

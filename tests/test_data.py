@@ -454,3 +454,37 @@ def test_download_without_network_is_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="unknown data set"):
         download("svhn", tmp_path / "data")
+
+
+def test_mixed_episodes_put_the_stated_fraction_of_class_episodes_in_every_batch() -> None:
+    """data.episodes=mixed: round(class_fraction x B) one-class episodes in each training batch, the rest iid
+    (labels of 40 classes x 50 items; an iid episode of T = 10 is one-class with probability ~1e-16)."""
+    from datamodules.episodes import EpisodeLoader
+
+    labels = torch.arange(40).repeat_interleave(50)  # (2000,)
+    for fraction, k in ((0.25, 2), (0.5, 4), (0.0, 0), (1.0, 8)):
+        loader = EpisodeLoader(
+            "train", 2000, 10, 8, train=True, n_episodes=96, mode="mixed", labels=labels,
+            classes_per_episode=1, class_fraction=fraction, seed=3,
+        )  # fmt: skip
+        assert loader.class_per_batch() == k
+        batches = [b["idx"] for b in loader]
+        assert len(batches) == 12
+        for idx in batches:
+            pure = [len(labels[row].unique()) == 1 for row in idx]
+            assert pure == [True] * k + [False] * (8 - k), (fraction, pure)
+            assert all(len(row.unique()) == 10 for row in idx)  # distinct items in every episode
+    with pytest.raises(ValueError, match="class_fraction must be in"):
+        MNISTDataModule(episodes="mixed", class_fraction=1.5)
+
+
+def test_mixed_class_fraction_out_of_range_is_a_config_error() -> None:
+    from km.config import compose_config
+    from km.overrides import ConfigError
+
+    with pytest.raises(ConfigError, match="data.class_fraction"):
+        compose_config(["data=omniglot", "data.episodes=mixed", "data.class_fraction=2"])
+    cfg = compose_config(["data=omniglot", "data.episodes=mixed", "data.class_fraction=0.25"])
+    assert cfg.data.episodes == "mixed" and cfg.data.class_fraction == 0.25
+    with pytest.raises(ConfigError, match="eval_episodes"):
+        compose_config(["data=omniglot", "data.eval_episodes=mixed"])

@@ -227,3 +227,24 @@ def test_km_beats_the_vae_on_conditional_likelihood_from_the_same_warm_start(tmp
         sum(km[f"test/{k}"] for k in ("recon", "kl_y", "kl_z", "kl_M")), rel=1e-4
     )
     assert km["test/kl_y"] > 0.5 and km["test/kl_M"] > 0
+
+
+def test_heldout_loss_adds_the_weighted_heldout_bound_to_the_training_loss(monkeypatch) -> None:
+    """model.heldout_loss = w: training loss = joint loss + w x the held-out loss of the same episodes (memory
+    from the first T - n, n = T // 4 targets), same noise draws; the reported joint bound is unchanged."""
+    x = episodes().double()  # (B, T, 1, 28, 28)
+    n = max(1, x.shape[1] // 4)
+    model = small_km(heldout_loss=0.5).double()
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(type(model), "global_step", property(lambda self: 0))
+    torch.manual_seed(4)
+    loss = model.training_step({"x": x}, 0)
+    torch.manual_seed(4)
+    joint, held = model.episode_elbo(x), model.episode_elbo(x, targets=n)
+    torch.testing.assert_close(loss, joint.loss + 0.5 * held.loss)
+    assert logged["train/heldout"] == pytest.approx(held.neg_elbo.mean().item())
+    assert logged["train/neg_elbo"] == pytest.approx(joint.neg_elbo.mean().item())
+    assert "kl_M" not in held.parts and held.loss != joint.loss  # the targets do not pay for the memory
+    with pytest.raises(ValueError, match="heldout_loss"):
+        small_km(heldout_loss=-1.0)

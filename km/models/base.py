@@ -262,6 +262,10 @@ class EpisodeModel(pl.LightningModule):
                 probe_backward(self._elbo_step, lambda: self.training_loss(self.step_elbo(x)), list(self.parameters()))
             out = self.step_elbo(x)
             loss = self.training_loss(out)
+            if self.cfg.heldout_loss > 0 and self.episodic:  # the few-shot objective, trained directly
+                held = self.step_elbo(x, targets=self.heldout_n(x.shape[1]))
+                loss = loss + self.cfg.heldout_loss * self.training_loss(held)
+                self._log_terms("train", held, x.shape[0], prefix="heldout")
         except NonPositiveDefiniteError as e:  # the memory algebra diverged: the same clean stop as a NaN loss
             raise self._diverged(f"non-finite or non-positive-definite memory ({e})") from None
         if not torch.isfinite(loss):
