@@ -299,35 +299,63 @@ class _Parser(argparse.ArgumentParser):
 
 STUDY_NAMES = ("capacity", "attractors", "oneshot", "addressing", "allocation")  # km.study.STUDIES
 
+# name -> (what the study asks, its options: (flag, default shown, help)); the defaults are km/study.py's own
+STUDY_HELP: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "capacity": (
+        "store T items, cue each with a corrupted copy, read --iters times: retrieval error and accuracy against T",
+        [
+            ("--T", "8,16,32,64,128", "items stored per episode, a comma list"),
+            ("--episodes", "16", "episodes per T"),
+            ("--noise", "0.15", "pixel flip probability of the cues, in [0, 1]"),
+            ("--iters", "1", "reads of each cue"),
+        ],
+    ),
+    "attractors": (
+        "write T clean items, start a chain at each item's corrupted copy, iterate the read: does it settle on the item?",
+        [
+            ("--T", "32", "items per episode"),
+            ("--episodes", "8", "episodes"),
+            ("--noise", "0.15", "pixel flip probability of the starting points, in [0, 1]"),
+            ("--iters", "20", "reads per chain"),
+            ("--feedback", "mean,threshold", "what each read feeds back: a comma list of mean | threshold | sample"),
+        ],
+    ),
+    "oneshot": (
+        "write one-class episodes, sample from the memory and from the prior: do the samples keep the class?",
+        [
+            ("--T", "15", "items per one-class episode"),
+            ("--episodes", "32", "episodes"),
+            ("--iters", "3", "iterative reads applied to each sample"),
+            ("--samples", "10", "samples per episode"),
+        ],
+    ),
+    "addressing": (
+        "how spread, how distinct and how class-aligned the addressing weights w of an episode's items are",
+        [("--T", "32", "items per episode"), ("--episodes", "16", "episodes")],
+    ),
+    "allocation": (
+        "PKM: which machine each test item goes to, against its label (purity, mutual information)",
+        [("--items", "10000", "labelled test items")],
+    ),
+}
+TYPES = {"--episodes": int, "--iters": int, "--samples": int, "--items": int, "--noise": float}
+
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study", choices=STUDY_NAMES, help="which study (km/study.py)")
-    p.add_argument("runs", nargs="+", help="run directories or checkpoints, all of one data set")
-    p.add_argument("--out", default=None, help="folder for the PNG, .md and .json (default: <first run>/study)")
-    p.add_argument(
-        "--T",
-        default=None,
-        help="items per episode (capacity: a comma list, default 8,16,32,64,128; "
-        "attractors and addressing: 32; oneshot: 15)",
-    )
-    p.add_argument(
-        "--episodes",
-        type=int,
-        default=None,
-        help="episodes (default: capacity 16, attractors 8, oneshot 32, addressing 16)",
-    )
-    p.add_argument("--noise", type=float, default=0.15, help="pixel flip probability of the corrupted cues, in [0, 1]")
-    p.add_argument("--iters", type=int, default=None, help="reads (default: capacity 1, attractors 20, oneshot 3)")
-    p.add_argument(
-        "--feedback",
-        default="mean,threshold",
-        help="attractors: what each read feeds back, a comma list of mean | threshold | sample (a Bernoulli draw)",
-    )
-    p.add_argument("--samples", type=int, default=10, help="oneshot: samples per episode")
-    p.add_argument("--items", type=int, default=10000, help="allocation: labelled test items")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--tag", default=None, help="suffix of the output files: <study>_<data>_<tag>.png/.md/.json")
+    """`km study NAME --help` shows that study's question and options, with its own defaults."""
+    sub = p.add_subparsers(dest="study", required=True, metavar="NAME", parser_class=_Parser)
+    for name, (what, options) in STUDY_HELP.items():
+        s = sub.add_parser(name, help=what, description=f"km study {name}: {what}")
+        s.add_argument("runs", nargs="+", help="run directories or checkpoints, all of one data set")
+        for flag, default, text in options:
+            typ = TYPES.get(flag, str)
+            value = typ(default) if flag in ("--noise", "--samples", "--items", "--feedback") else None
+            s.add_argument(flag, type=typ, default=value, help=f"{text} (default {default})")
+        s.add_argument("--out", default=None, help="folder for the PNG, .md and .json (default: <first run>/study)")
+        s.add_argument("--seed", type=int, default=0, help="which test items (default 0)")
+        s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+        s.add_argument("--tag", default=None, help="suffix of the output files: <study>_<data>_<tag>.png/.md/.json")
+        s.set_defaults(T=None, episodes=None, iters=None, noise=0.15, samples=10, items=10000)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,6 +84,7 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     wandb: bool = True
+    tensorboard: bool = False  # also Lightning's TensorBoard logger: <run_dir>/tensorboard/ (same metric names)
     project: str = "kanerva-lab"
     entity: str | None = None
     mode: WandbMode | None = None  # online | offline | disabled; None: WANDB_MODE, else online iff logged in

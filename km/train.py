@@ -56,11 +56,21 @@ from km.runs import (
 )
 
 
+def tensorboard_logger(run_dir: Path) -> Any:
+    """Lightning's TensorBoardLogger writing to <run_dir>/tensorboard/ (one events file per attempt, the same
+    metric names as metrics.csv; a resumed run appends): `tensorboard --logdir runs/` shows every run."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     """metrics.csv always (`MetricsCSV`); W&B unless disabled. The W&B run is started here with `wandb.init`
     and handed to Lightning's WandbLogger (its public `experiment=` argument), so a failure to start falls
     back to offline here, never mid-training."""
     loggers: list[Any] = [MetricsCSV(run_dir)]
+    if cfg.logger.tensorboard and os.environ.get("LOCAL_RANK", "0") == "0":
+        loggers.append(tensorboard_logger(run_dir))
     mode = wandb_env.mode(str(cfg.logger.mode) if cfg.logger.mode else None) if cfg.logger.wandb else "disabled"
     if mode == "disabled" or os.environ.get("LOCAL_RANK", "0") != "0":
         return loggers
@@ -197,7 +207,8 @@ def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Di
 
 def check_trainer(cfg: DictConfig) -> None:
     """Values the schema cannot judge that Lightning would refuse with a traceback after the data loaded:
-    a GPU accelerator without a CUDA device, an unknown strategy. ConfigError, before anything is written."""
+    a GPU accelerator without a CUDA device, an unknown strategy, TensorBoard logging without the package.
+    ConfigError, before anything is written."""
     from pytorch_lightning.strategies import StrategyRegistry
 
     from km.config import ConfigError
@@ -208,6 +219,13 @@ def check_trainer(cfg: DictConfig) -> None:
             f"trainer.accelerator={acc} but this machine has no CUDA device; use trainer=cpu "
             "(or trainer.accelerator=cpu, or auto)"
         )
+    if cfg.logger.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "logger.tensorboard needs the tensorboard package (pip install tensorboard; make setup installs it)"
+            )
     strategy = str(cfg.trainer.strategy)
     known = ["auto", *sorted(StrategyRegistry.available_strategies())]
     if strategy not in known:

@@ -101,3 +101,19 @@ def test_pictures_say_what_whose_and_when(tmp_path: Path, capsys) -> None:
     assert [r.split(":")[0] for r in rows[2:]] == ["read 1", "read 2"]
     first_l1 = out.splitlines()[1].split()[1]  # the command's table and the picture's labels agree
     assert f"L1 {float(first_l1):.3f}" in rows[1]
+
+
+def test_study_help_shows_that_studys_options_and_defaults() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "km.cli", "study", "oneshot", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "km study oneshot: write one-class episodes" in text
+    for option in ("--T T items per one-class episode (default 15)", "--samples SAMPLES", "(default 32)"):
+        assert option in text, option
+    assert "--feedback" not in text and "--items" not in text  # other studies' options are not listed
+    listing = subprocess.run(
+        [sys.executable, "-m", "km.cli", "study", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert all(name in listing.stdout for name in ("capacity", "attractors", "oneshot", "addressing", "allocation"))

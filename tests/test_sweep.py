@@ -254,3 +254,48 @@ def test_sweep_agents_killed_with_9_lose_nothing_and_train_nothing_twice(tmp_pat
     assert saved["seed"] == runs["r002"]["config"]["seed"]
     table = sweep.status_table(d)
     assert "r002" in table and "* best" in table
+
+
+def test_status_plot_draws_the_metric_against_each_swept_parameter(tmp_path: Path, capsys) -> None:
+    """km sweep status D --plot: one panel per parameter that differs between runs (lr on a log axis, a string
+    choice as categories), read from state.json alone (a table made in-process, no training)."""
+    from PIL import Image
+
+    from km.cli import main
+    from km.sweep.state import write_state
+
+    d = sweep.start_local(
+        _spec(tmp_path, {"model.lr": {"values": [1e-4, 1e-3, 1e-2]}, "model.name": {"values": ["vae", "km"]}}),
+        tmp_path / "sw",
+    )
+    state = sweep.read_state(d)
+    for i, (lr, m, metric, status) in enumerate(
+        [
+            (1e-4, "vae", 120.0, "finished"),
+            (1e-3, "km", 110.0, "finished"),
+            (1e-2, "km", 130.0, "stopped"),
+            (1e-3, "vae", None, "failed"),
+        ],
+        1,
+    ):
+        state["runs"].append(
+            {
+                "name": f"r{i:03d}",
+                "config": {"model.lr": lr, "model.name": m, "seed": 1},
+                "status": status,
+                "metric": metric,
+            }
+        )
+    write_state(d, state)
+    main(["sweep", "status", str(d), "--plot"])
+    out = capsys.readouterr().out
+    assert f"plot: {d / 'sweep.png'}" in out and "r002" in out
+    text = Image.open(d / "sweep.png").text
+    assert text["Description"].splitlines() == ["x: model.lr, y: test/neg_elbo", "x: model.name, y: test/neg_elbo"]
+    assert "3 run(s) with a metric" in text["Title"] and "(minimize)" in text["Title"]
+    main(["sweep", "status", str(d), "--plot", str(tmp_path / "elsewhere.png")])
+    assert (tmp_path / "elsewhere.png").is_file()
+    empty = sweep.start_local(_spec(tmp_path, {"model.lr": {"values": [1e-3]}}), tmp_path / "empty")
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "status", str(empty), "--plot"])
+    assert exc.value.code == 2 and "no run has a metric yet" in capsys.readouterr().err

@@ -421,3 +421,27 @@ def test_a_run_leaves_the_callers_thread_count_alone(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_tensorboard_logger_writes_the_same_metric_names(tmp_path: Path, monkeypatch) -> None:
+    import csv
+    import importlib.util
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from km.config import ConfigError
+
+    run_dir = Path(train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "logger=tensorboard")))["run_dir"])
+    tags: set[str] = set()
+    for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    with open(run_dir / "metrics.csv") as f:
+        columns = set(next(csv.reader(f))) - {"step"}
+    assert columns == tags and "test/heldout" in tags and "val/neg_elbo" in tags
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
+        train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "logger=tensorboard", "run_id=no_tb")))
+    assert not (tmp_path / "runs" / "default" / "no_tb").exists()

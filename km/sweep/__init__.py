@@ -16,7 +16,8 @@ bayes propose exactly what the server would)::
               name=<sweep name> run_id=<run name> resume=auto` as a subprocess
            -> read eval.json (else metrics.csv) for the metric -> record finished|failed|stopped
         until the grid is exhausted, `run_cap` is reached, or N runs were started by this agent.
-    km sweep status D       table: run, config, status, metric (best run marked with *)
+    km sweep status D [--plot [PNG]]   table: run, config, status, metric (best run marked with *); --plot
+                            also draws the metric against each swept parameter (D/sweep.png)
 
 Runs land in <runs_dir>/<sweep name>/<run name>/ (runs_dir: the last `runs_dir=` override given,
 else the config default `runs`, relative to the agent's working directory). Each run's stdout and
@@ -82,6 +83,7 @@ from km.sweep.agent import (
     read_history,
     read_metric,
     run_agent,
+    status_plot,
     status_table,
     wait_for_trainer,
 )
@@ -123,6 +125,7 @@ __all__ = [
     "should_stop",
     "start_local",
     "start_online",
+    "status_plot",
     "status_table",
     "suggest",
     "update_run",
@@ -164,6 +167,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--local", action="store_true", help="require a local sweep directory")
     st = sub.add_parser("status", help="table of a local sweep's runs")
     st.add_argument("target", help="local sweep directory")
+    st.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="also draw the metric against each swept parameter (default <sweep>/sweep.png)",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -188,6 +199,8 @@ def main(args: argparse.Namespace) -> None:
                 raise SystemExit(agent_online(args.target, args.count, args.gpus))
         elif args.sweep_command == "status":
             print(status_table(Path(args.target)))
+            if args.plot is not None:
+                print(f"plot: {status_plot(Path(args.target), Path(args.plot) if args.plot else None)}")
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

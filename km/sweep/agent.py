@@ -15,6 +15,7 @@ from typing import Any
 from km.overrides import override_key
 from km.sweep.state import (
     SPEC,
+    SweepError,
     _check_overrides,
     _fmt,
     _history_key,
@@ -296,3 +297,58 @@ def status_table(sweep_dir: Path) -> str:
             "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + (f"  {row[4]}" if row[4] else "")
         )
     return "\n".join(lines)
+
+
+def status_plot(sweep_dir: Path, path: Path | None = None) -> Path:
+    """metric against each hyperparameter that differs between the sweep's runs, one panel each (a log axis
+    where a numeric parameter spans more than 10x, categories for strings); every run with a metric is a
+    point (finished: filled, stopped early: hollow), the best run ringed. -> <sweep>/sweep.png by default.
+    The title and the axis labels are also stored as the PNG's Title and Description text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import yaml
+
+    state = read_state(sweep_dir)
+    spec = yaml.safe_load((Path(sweep_dir) / state.get("spec", SPEC)).read_text())
+    name, goal = _metric_of(spec)
+    runs = [r for r in state["runs"] if r.get("metric") is not None and r["status"] in ("finished", "stopped")]
+    if not runs:
+        raise SweepError(f"{sweep_dir}: no run has a metric yet, nothing to plot (km sweep status {sweep_dir})")
+    keys = list(dict.fromkeys(k for r in state["runs"] for k in r["config"]))
+    varying = [k for k in keys if len({_fmt(r["config"].get(k)) for r in runs}) > 1] or keys[:1]
+    best = (max if goal == "maximize" else min)(runs, key=lambda r: r["metric"])
+    fig, axes = plt.subplots(1, len(varying), figsize=(4.2 * len(varying), 3.6), squeeze=False)
+    labels = []
+    for ax, k in zip(axes[0], varying, strict=True):
+        vals = [r["config"].get(k) for r in runs]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
+        if numeric:
+            xs = [float(v) for v in vals]
+            if min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({_fmt(v) for v in vals})
+            xs = [cats.index(_fmt(v)) for v in vals]
+            ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=8)
+        for x, r in zip(xs, runs, strict=True):
+            filled = r["status"] == "finished"
+            ax.plot(x, r["metric"], "o", color="C0", mfc="C0" if filled else "none", ms=6)
+            if r is best:
+                ax.plot(x, r["metric"], "o", mfc="none", mec="C3", ms=13, mew=1.5, label=f"best: {r['name']}")
+        ax.set(xlabel=k, ylabel=name or "metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        labels.append(f"x: {k}, y: {name or 'metric'}")
+    title = (
+        f"sweep {state['name']}: {name or 'metric'} ({goal}) against each swept parameter; "
+        f"{len(runs)} run(s) with a metric, hollow = stopped early"
+    )
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(path) if path else Path(sweep_dir) / "sweep.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, metadata={"Title": title, "Description": "\n".join(labels)})
+    plt.close(fig)
+    return out
