@@ -221,11 +221,37 @@ class KPPConfig(ModelConfig):
 
 # name -> ("module:LightningModule class", config dataclass): the one registry of models (km.models.MODELS
 # resolves the classes, importing torch, on first use).
+PinvInit = Choice("PinvInit", {"scaled": "scaled", "official": "official"})  # km.memory.pseudoinverse
+
+
+@dataclass
+class GPMConfig(ModelConfig):
+    name: str = "gpm"
+    lr: float = 1e-3
+    code_dim: int = 100  # C: code size = memory width (theirs: 100)
+    memory_size: int = 32  # K slots (theirs: 32)
+    obs_noise: float = 0.5  # sigma of the write noise and of p(z | w, M) = N(w^T M, sigma^2) (theirs: 0.5, fixed)
+    read_noise: float = 0.5  # sigma of the noise added to a query code before it is addressed (theirs: 0.5)
+    pinv_steps: int = 15  # Ben-Israel-Cohen iterations per pseudo-inverse (theirs: 7 in main.py, 3 class default)
+    pinv_init: PinvInit = PinvInit.scaled  # scaled: 1 / (|A|_1 |A|_inf), always converges | official: 5e-4
+    ae_weight: float = 1.0  # the authors' autoencoder ("bijective") term, training loss only (not in the bound)
+    sample_memory: bool = True  # training reads M ~ q(M | X); false: its mean, as the authors (reports always sample)
+
+    def check(self) -> None:
+        super().check()
+        need(self.memory_size >= 1, "memory_size", self.memory_size, ">= 1")
+        need(self.pinv_steps >= 1, "pinv_steps", self.pinv_steps, ">= 1: Ben-Israel-Cohen iterations")
+        need(self.obs_noise > 0, "obs_noise", self.obs_noise, "> 0: a standard deviation")
+        need(self.read_noise >= 0, "read_noise", self.read_noise, ">= 0: a standard deviation")
+        need(self.ae_weight >= 0, "ae_weight", self.ae_weight, ">= 0")
+
+
 MODELS: dict[str, tuple[str, type[ModelConfig]]] = {
     "vae": ("km.models.vae:VAE", VAEConfig),
     "km": ("km.models.km:KanervaMachine", KMConfig),
     "dkm": ("km.models.dkm:DynamicKanervaMachine", DKMConfig),
     "pkm": ("km.models.pkm:ProductKanervaMachine", PKMConfig),
     "kpp": ("km.models.kpp:KanervaPlusPlus", KPPConfig),
+    "gpm": ("km.models.gpm:GenerativePseudoInverseMemory", GPMConfig),
 }
 CONFIGS: dict[str, type[ModelConfig]] = {name: cfg for name, (_, cfg) in MODELS.items()}

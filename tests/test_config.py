@@ -112,6 +112,10 @@ def test_paper_and_cpu_experiment_configs_compose_with_their_papers_objectives(n
     if model == "kpp" and "fullkl" not in name and "adam" not in name:  # the authors': memory KL off, RMSprop, clip
         assert cfg.model.kl_weights.memory == 0 and str(cfg.model.optimizer) == "rmsprop"
         assert cfg.trainer.gradient_clip_val and str(cfg.checkpoint.protocol) == "memory_conditional"
+    elif model == "gpm" and name.startswith("paper_"):  # the authors': memory KL off, mean reads, AE term, clip 10
+        assert cfg.model.kl_weights.memory == 0 and not cfg.model.sample_memory and cfg.model.ae_weight == 1
+        assert cfg.trainer.gradient_clip_val == 10 and str(cfg.checkpoint.protocol) == "memory_conditional"
+        assert cfg.model.pinv_steps == 7 and str(cfg.model.pinv_init) == "official"
     else:
         assert cfg.model.kl_weights.memory == 1 and str(cfg.checkpoint.protocol) == "joint"
     if "adam" in name:  # K++ on the optimiser of every other cpu_* config
