@@ -116,3 +116,12 @@ def assert_is_estimate_consistent_with_bound(model, x, n: int = 1000, seed: int 
         se = (elbo.var(0) / n + is1.var(0) / n).sqrt()
         assert ((elbo.mean(0) - is1.mean(0)).abs() < 4 * se + 1e-3).all(), (elbo.mean(0), is1.mean(0), se)
         assert (model.log_likelihood_is(x, 100) > elbo.mean(0)).all()
+
+
+def png_text(path) -> dict[str, str]:
+    """The text chunks (Title, Description, ...) of a PNG, the file closed again."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return dict(im.text)

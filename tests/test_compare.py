@@ -604,3 +604,30 @@ def test_better_only_beyond_two_pooled_std_with_three_seeds(tmp_path: Path) -> N
     md = format_markdown(agg)
     assert "vs lowest (2 pooled std, n >= 3)" in md
     assert next(x for x in md.splitlines() if x.startswith("| mnist | **vae**")).rstrip().endswith("| better |")
+
+
+def test_budgets_are_not_pooled_and_a_budget_study_gets_its_figure(tmp_path: Path, capsys) -> None:
+    """Runs of one config planned for different budgets (trainer.max_epochs) are separate groups, labelled with
+    their budget, and km compare draws budget_<data>.png (one panel per protocol, steps on a log axis)."""
+    from PIL import Image
+
+    root = tmp_path / "runs"
+    for epochs, steps, vals in ((10, 400, [150.0, 151.0, 149.0]), (30, 1200, [131.0, 132.0])):
+        for seed, v in enumerate(vals, start=1):
+            for model in ("vae", "km"):
+                d = write_run(
+                    root / f"e{epochs}", model, "mnist", seed, v + (model == "km"), steps=steps,
+                    extra_metrics={"test/memory_conditional": v, "test/heldout": v + 2, "test_class/heldout": v + 1},
+                )  # fmt: skip
+                cfg = d / "config.yaml"
+                cfg.write_text(cfg.read_text() + f"trainer:\n  max_epochs: {epochs}\n  max_steps: -1\n")
+    agg = aggregate(collect([root]))
+    groups = {(g["model"], g["steps_values"][0]): g for g in agg["groups"]}
+    assert sorted(groups) == [("km", 400), ("km", 1200), ("vae", 400), ("vae", 1200)]
+    assert groups[("vae", 400)]["n"] == 3 and groups[("vae", 1200)]["n"] == 2
+    assert groups[("vae", 1200)]["metrics"]["test/neg_elbo"]["mean"] == pytest.approx(131.5)
+    assert groups[("vae", 1200)]["label"].endswith("(30 epochs)")
+    km_main(["compare", str(root), "--out", str(tmp_path / "out")])
+    assert "budget_mnist.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "out" / "budget_mnist.png") as im:
+        assert im.size[0] > 1000

@@ -67,13 +67,11 @@ def test_missing_paths_and_folders_of_runs_are_named_before_torch_loads(tmp_path
 def test_pictures_say_what_whose_and_when(tmp_path: Path, capsys) -> None:
     """Every picture a run or a command writes carries its title (model, run, epoch and step) and one label a
     row, drawn on it and stored as the PNG's Title/Description text (read back here with PIL)."""
-    from PIL import Image
-
-    from tests.conftest import tiny
+    from tests.conftest import png_text, tiny
 
     main(["train", *tiny(tmp_path, "trainer.max_epochs=1", "test_after_fit=false", "run_id=pic", model="km")])
     run_dir = tmp_path / "runs" / "default" / "pic"
-    text = Image.open(run_dir / "samples" / "epoch_000.png").text
+    text = png_text(run_dir / "samples" / "epoch_000.png")
     assert text["Title"] == "KanervaMachine (km) | run default/pic | epoch 1, step 8 (validation episodes)"
     rows = text["Description"].splitlines()
     assert rows[:3] == [
@@ -82,7 +80,7 @@ def test_pictures_say_what_whose_and_when(tmp_path: Path, capsys) -> None:
         "episode 1: samples from its memory",
     ]
     main(["sample", str(run_dir), "--episodes", "2", "--iters", "2"])
-    text = Image.open(run_dir / "samples" / "conditional_iters2.png").text
+    text = png_text(run_dir / "samples" / "conditional_iters2.png")
     assert text["Title"].startswith("KanervaMachine (km) | run default/pic | checkpoint of epoch 1, step 8 |")
     assert text["Description"].splitlines() == [
         "conditioning episode (written to memory)",
@@ -94,7 +92,7 @@ def test_pictures_say_what_whose_and_when(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     main(["denoise", str(run_dir), "--episodes", "2", "--iters", "2", "--noise", "0.1"])
     out = capsys.readouterr().out
-    text = Image.open(run_dir / "denoise" / "noise0.1_iters2.png").text
+    text = png_text(run_dir / "denoise" / "noise0.1_iters2.png")
     assert "iterative reading of corrupted test items" in text["Title"]
     rows = text["Description"].splitlines()
     assert rows[0] == "stored episode (written to memory)" and rows[1].startswith("corrupted query (flipped 0.1): L1 ")

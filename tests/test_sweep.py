@@ -259,7 +259,7 @@ def test_sweep_agents_killed_with_9_lose_nothing_and_train_nothing_twice(tmp_pat
 def test_status_plot_draws_the_metric_against_each_swept_parameter(tmp_path: Path, capsys) -> None:
     """km sweep status D --plot: one panel per parameter that differs between runs (lr on a log axis, a string
     choice as categories), read from state.json alone (a table made in-process, no training)."""
-    from PIL import Image
+    from conftest import png_text
 
     from km.cli import main
     from km.sweep.state import write_state
@@ -290,7 +290,7 @@ def test_status_plot_draws_the_metric_against_each_swept_parameter(tmp_path: Pat
     main(["sweep", "status", str(d), "--plot"])
     out = capsys.readouterr().out
     assert f"plot: {d / 'sweep.png'}" in out and "r002" in out
-    text = Image.open(d / "sweep.png").text
+    text = png_text(d / "sweep.png")
     assert text["Description"].splitlines() == ["x: model.lr, y: test/neg_elbo", "x: model.name, y: test/neg_elbo"]
     assert "3 run(s) with a metric" in text["Title"] and "(minimize)" in text["Title"]
     main(["sweep", "status", str(d), "--plot", str(tmp_path / "elsewhere.png")])

@@ -290,7 +290,7 @@ def main(args: argparse.Namespace) -> None:
         print(n)
     print(
         f"wrote {out}/: table.md table.csv summary.json "
-        + " ".join(p.name for p in [*res["curves"], *([res["bars"]] if res["bars"] else [])])
+        + " ".join(p.name for p in [*res["curves"], *res["budgets"], *([res["bars"]] if res["bars"] else [])])
     )
     if doc:
         print(f"wrote {doc}: tables between '{DOC_BEGIN}' and '{DOC_END}'")

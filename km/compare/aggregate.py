@@ -148,14 +148,17 @@ def _mean_of(rs: list[RunRow], key: str) -> float | None:
 
 
 def _group_key(row: RunRow, by: tuple[str, ...]) -> tuple:
-    """(data, model, T, experiment, *by values): runs of one named experiment config (e.g. cpu_dkm_mnist and
-    cpu_dkm_sampled_mnist) are never pooled with another's, even where --by does not tell them apart."""
+    """(data, model, T, experiment, *by values, planned budget): runs of one named experiment config (e.g.
+    cpu_dkm_mnist and cpu_dkm_sampled_mnist) are never pooled with another's, even where --by does not tell them
+    apart, and neither are runs planned for different budgets (trainer.max_epochs / max_steps: 400 and 1,200 steps
+    of one config are two points of a budget curve, not one mean)."""
     return (
         str(row.data),
         str(row.model),
         row.episode_length,
         row.experiment or "",
         *(json.dumps(_get(row.config, k), sort_keys=True, default=str) for k in by),
+        json.dumps([_get(row.config, "trainer.max_epochs"), _get(row.config, "trainer.max_steps")], default=str),
     )
 
 
@@ -166,17 +169,22 @@ def _experiment_label(experiment: str, data: str) -> str:
 
 def _labels(rows: list[RunRow], by: tuple[str, ...]) -> dict[tuple, str]:
     """Group key -> legend label: the model, plus T=... when a (data, model) has several episode
-    lengths, plus k=v for every --by key."""
+    lengths, plus k=v for every --by key, plus the planned budget where one config has several."""
     keys = {_group_key(r, by) for r in rows}
     lengths: dict[tuple, set] = {}
+    budgets: dict[tuple, set] = {}
     for k in keys:
         lengths.setdefault(k[:2], set()).add(k[2])
+        budgets.setdefault(k[:-1], set()).add(k[-1])
     out = {}
     for k in keys:
         parts = [_experiment_label(k[3], k[0]) if k[3] else k[1]]
         if len(lengths[k[:2]]) > 1:
             parts.append(f"T={k[2]}")
-        parts += [f"{b.split('.')[-1]}={json.loads(v)}" for b, v in zip(by, k[4:], strict=True)]
+        parts += [f"{b.split('.')[-1]}={json.loads(v)}" for b, v in zip(by, k[4:-1], strict=True)]
+        if len(budgets[k[:-1]]) > 1:
+            epochs, steps = json.loads(k[-1])
+            parts.append(f"{steps} steps" if steps not in (None, -1) else f"{epochs} epochs")
         out[k] = parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
     return out
 

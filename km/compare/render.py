@@ -356,6 +356,60 @@ def plot_curves(agg: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+BUDGET_PANELS = ("test/neg_elbo", "test/memory_conditional", "test/heldout", "test_class/heldout")
+
+
+def budget_lines(agg: dict[str, Any]) -> dict[str, dict[tuple[str, str], list[dict[str, Any]]]]:
+    """data -> (model, training episodes) -> its groups by budget (steps), where some line of the data set has
+    groups at two or more budgets (a budget study: the same model trained for 400, 1,200, 3,600 steps)."""
+    out: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = {}
+    for g in agg["groups"]:
+        if len(g["steps_values"]) != 1:
+            continue  # a group of mixed budgets is no point of a budget curve
+        key = (g["model"], str(g["by"].get("data.episodes", "iid")))
+        out.setdefault(g["data"], {}).setdefault(key, []).append(g)
+    return {
+        d: {k: sorted(v, key=lambda g: g["steps_values"][0]) for k, v in lines.items()}
+        for d, lines in out.items()
+        if any(len({g["steps_values"][0] for g in v}) > 1 for v in lines.values())
+    }
+
+
+def plot_budgets(agg: dict[str, Any], out: Path) -> list[Path]:
+    """budget_<data>.png: one panel per protocol (joint, memory-conditional, held-out on iid and on one-class
+    episodes), nats (or bits) against optimiser steps on a log axis, a line per (model, training episodes),
+    error bars = sample std over seeds, n per point in the legend. Only data sets with a budget study."""
+    from matplotlib.figure import Figure
+
+    paths = []
+    for data, lines in sorted(budget_lines(agg).items()):
+        unit = agg["units"].get(data, DEFAULT_UNIT)
+        fig = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
+        axes = fig.subplots(1, len(BUDGET_PANELS))
+        for ax, metric in zip(axes, BUDGET_PANELS, strict=True):
+            for i, ((model, episodes), gs) in enumerate(sorted(lines.items())):
+                pts = [(g["steps_values"][0], g["metrics"][metric], g["n"]) for g in gs if metric in g["metrics"]]
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                ys = [p[1]["mean"] for p in pts]
+                es = [p[1]["std"] or 0.0 for p in pts]
+                ns = "/".join(str(p[2]) for p in pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=f"C{i % 10}",
+                            label=f"{model}, {episodes} (n={ns})")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("optimiser steps (log)")
+            ax.set_title(textwrap.fill(f"{metric}: {describe(metric)}", 42), fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_ylabel(f"{unit} (mean ± std over seeds)")
+        axes[-1].legend(fontsize=7, title="model, training episodes (n = seeds per budget)", title_fontsize=7)
+        fig.suptitle(f"{data}: the protocols against the training budget", fontsize=10)
+        p = out / f"budget_{_safe(data)}.png"
+        fig.savefig(p)
+        paths.append(p)
+    return paths
+
+
 def bar_label(metric: str, unit: str | None = None) -> str:
     """Axis label of the bar chart: 'test/neg_elbo: joint bound -ELBO/T [nats/image]'."""
     return f"{metric}: {describe(metric)}" + (f" [{unit}]" if unit else "")
@@ -444,6 +498,7 @@ def write_outputs(agg: dict[str, Any], rows: list[RunRow], out: Path) -> dict[st
         shutil.rmtree(stage, ignore_errors=True)
     here = {k: (out / v.name if isinstance(v, Path) else v) for k, v in res.items()}
     here["curves"] = [out / c.name for c in res["curves"]]
+    here["budgets"] = [out / c.name for c in res["budgets"]]
     here["bars"] = out / res["bars"].name if res["bars"] else None
     return here
 
@@ -457,6 +512,7 @@ def _write_outputs(agg: dict[str, Any], rows: list[RunRow], out: Path) -> dict[s
     )
     write_csv(agg, out / "table.csv")
     curves = plot_curves(agg, out)
+    budgets = plot_budgets(agg, out)
     bars = plot_bars(agg, out)
     run_rows = [{k: v for k, v in r.as_dict().items() if k not in ("config", "curves")} for r in rows]
     summary = {**agg, "notes": notes, "run_rows": run_rows}
@@ -465,6 +521,7 @@ def _write_outputs(agg: dict[str, Any], rows: list[RunRow], out: Path) -> dict[s
         "table_md": out / "table.md",
         "table_csv": out / "table.csv",
         "curves": curves,
+        "budgets": budgets,
         "bars": bars,
         "summary": out / "summary.json",
         "markdown": md,
