@@ -168,13 +168,61 @@ def _tiny_models():
         ),
         "vae": VAE(VAEConfig(code_dim=8), net, SHAPE, "bernoulli"),
     }
+    from km.models.gpm import GenerativePseudoInverseMemory, GPMConfig
+
+    models["gpm"] = GenerativePseudoInverseMemory(GPMConfig(**small), net, SHAPE, "bernoulli")  # built last
     for m in models.values():
         m.eval()
     return models
 
 
+def _study_tables() -> dict[str, str]:
+    """The table of every study on the five tiny models of before the package split (GPM left out)."""
+    models = _tiny_models()
+    runs = {k: _run(m, k) for k, m in models.items() if k != "gpm"}
+    mem = [runs[k] for k in ("km", "dkm", "pkm", "kpp")]
+    calls = {
+        "capacity": lambda: study.capacity([*mem, runs["vae"]], Ts=(4, 8), episodes=2),
+        "attractors": lambda: study.attractors(
+            mem, T=4, episodes=2, iters=2, feedbacks=("mean", "threshold", "sample")
+        ),
+        "oneshot": lambda: study.oneshot(list(runs.values()), T=3, episodes=2, samples=3, iters=1),
+        "addressing": lambda: study.addressing([runs["km"], runs["pkm"], runs["dkm"]], T=4, episodes=2),
+        "allocation": lambda: study.allocation([runs["pkm"]], items=40, shuffles=3),
+    }
+    out = {}
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        out[name] = call().table
+    return out
+
+
+def test_the_studies_package_gives_the_tables_of_the_single_module():
+    """km/study.py became the km/study/ package (issue #29) and the studies ask the model what it can do instead
+    of its name: each study's table on the tiny models is what the 1.3k-line module printed (tests/data, written
+    by that module)."""
+    import json
+    from pathlib import Path
+
+    before = json.loads((Path(__file__).parent / "data" / "study_tables.json").read_text())
+    assert _study_tables() == before
+
+
+def test_a_sixth_model_slots_into_every_study(tmp_path):
+    """GPM, added after the studies were written, runs in each of them through the model interface alone."""
+    models = _tiny_models()
+    gpm, km = _run(models["gpm"], "gpm"), _run(models["km"], "km")
+    res = study.capacity([gpm, km], Ts=(4,), episodes=2, out=tmp_path)
+    assert any(r["model"] == "gpm" for r in res.rows) and res.png.exists()
+    assert study.attractors([gpm], T=4, episodes=2, iters=2).rows
+    assert any(r["run"] == "gpm" for r in study.oneshot([gpm, km], T=3, episodes=2, samples=3, iters=1).rows)
+    assert study.addressing([gpm], T=4, episodes=2).rows[0]["run"] == "gpm"
+    assert "32 slots" not in gpm.model.describe_memory() and "8 slots x 8" == gpm.model.describe_memory()
+
+
 def test_every_study_runs_on_tiny_models(tmp_path):
     models = _tiny_models()
+    models.pop("gpm")
     runs = {k: _run(m, k) for k, m in models.items()}
     mem = [runs[k] for k in ("km", "dkm", "pkm", "kpp")]
     res = study.capacity([*mem, runs["vae"]], Ts=(4, 8), episodes=2, out=tmp_path)

@@ -105,6 +105,13 @@ class EpisodeModel(pl.LightningModule):
             chain.append(x)
         return chain
 
+    def describe_memory(self) -> str:
+        """The size of the memory in words, for tables (the studies ask the model, not its name)."""
+        if not self.episodic:
+            return "none"
+        K = getattr(self.cfg, "memory_size", None)
+        return f"{K} slots x {self.cfg.code_dim}" if K is not None else "?"
+
     def log_likelihood_is(self, x: torch.Tensor, samples: int, targets: int = 0) -> torch.Tensor:
         """(B,) importance-sampled ln p(X) / T (targets = 0), or ln p(x_targets | X_context) / n with the
         memory written from the context only (targets = n)."""

@@ -185,6 +185,12 @@ class KanervaMachine(EpisodeModel):
         mu_z, _, _ = self.read_z(e, w, memory.R)
         return self.decode_codes(mu_z)
 
+    def memory_read(self, x: torch.Tensor, memory: MemoryState) -> torch.Tensor:
+        """Decoder params (B, T, ...) of the memory's own read w^T R at the addresses of x (the mean of
+        p(z | y, M), no bottom-up correction): what the capacity study scores beside `read`."""
+        e = self.encode_images(x)
+        return self.decode_codes(self.address(self.posterior_y(e)[0]) @ memory.R)
+
     def generate(self, memory: MemoryState | None, n: int, batch: int = 1) -> torch.Tensor:
         """One-shot samples (B, n, C, H, W): y ~ p(y), M ~ memory (prior if None), z ~ p(z|y,M)."""
         if memory is None:

@@ -108,6 +108,10 @@ class KanervaPlusPlus(EpisodeModel):
         neg_elbo = recon + kl
         return EpisodeOutput(loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl=kl, parts=parts)
 
+    def describe_memory(self) -> str:
+        c = self.cfg
+        return f"{c.mem_channels}x{c.mem_size}x{c.mem_size} (C_m x S x S)"
+
     def write(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(M | X): mean and log-std (B, C_m, S, S)."""
         return self.writer(self.encode_images(x))

@@ -137,6 +137,16 @@ class ProductKanervaMachine(KanervaMachine):
         """Machine weights pi (B, T, P) of the items of x."""
         return self.machine_weights(self.encode_images(x))
 
+    def describe_memory(self) -> str:
+        c = self.cfg
+        return f"{c.machines} x {c.memory_size // c.machines} slots x {c.code_dim}"
+
+    def memory_read(self, x: torch.Tensor, memory: MemoryState) -> torch.Tensor:
+        """Decoder params of the machines' reads combined by pi: sum_p pi_p w_p^T R_p (no bottom-up correction)."""
+        e = self.encode_images(x)
+        w = self.address(self.posterior_y(e)[0])
+        return self.decode_codes(self._combine(self.machine_weights(e), w @ memory.R))
+
     def read(self, x: torch.Tensor, memory: MemoryState | None = None) -> torch.Tensor:
         if memory is None:
             memory = self.memory.prior(x.shape[0])
