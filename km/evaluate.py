@@ -93,7 +93,7 @@ def protocol_of(metric: str) -> str:
     get the 'other' label, never the joint bound's."""
     from km.compare.aggregate import classify
 
-    if classify(metric)[1] == "other":
+    if classify(metric)[1] in ("other", "authors"):
         return OTHER_LABEL
     leaf = metric.split("/", 1)[-1]
     return next(label for prefix, label in PROTOCOL_LABELS if prefix is not None and leaf.startswith(prefix))

@@ -13,7 +13,7 @@ from km.cli import main as km_main
 from km.compare import DOC_BEGIN, DOC_END, aggregate, aggregate_curves, bar_label, classify, collect
 from km.compare.render import VERDICT_HEAD, format_markdown
 
-UNIT = {"mnist": "nats/image", "cifar10": "bits/dim"}
+UNIT = {"mnist": "nats/image", "omniglot": "nats/image", "cifar10": "bits/dim"}
 # (model, data) -> per-seed test/neg_elbo; recon = 0.8 * neg_elbo, kl = the rest, nll_is20 = neg_elbo - 5
 NEG_ELBO = {
     ("vae", "mnist"): [120.0, 118.5, 121.25],
@@ -631,3 +631,31 @@ def test_budgets_are_not_pooled_and_a_budget_study_gets_its_figure(tmp_path: Pat
     assert "budget_mnist.png" in capsys.readouterr().out
     with Image.open(tmp_path / "out" / "budget_mnist.png") as im:
         assert im.size[0] > 1000
+
+
+def test_an_authors_score_gets_its_own_labelled_column_never_a_protocols(tmp_path: Path, capsys) -> None:
+    """GPM's `test/authors_score` (its authors' objective and published figure, not a bound) is a main column of
+    table.md and of the --doc table, under its own heading, and only for the data sets where a run reports it."""
+    from km.evaluate import OTHER_LABEL, protocol_of
+
+    assert classify("test/authors_score") == ("test", "authors", "score")
+    assert classify("test_class/authors_score") == ("test_class", "authors", "score")
+    assert protocol_of("test/authors_score") == OTHER_LABEL
+    assert "not a bound" in bar_label("test/authors_score")
+    root = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        write_run(root, "gpm", "omniglot", seed, 260.0 + seed, extra_metrics={"test/authors_score": 180.0 + seed})
+        write_run(root, "vae", "omniglot", seed, 146.0 + seed)
+        write_run(root, "vae", "mnist", seed, 116.0 + seed)
+    doc = tmp_path / "doc.md"
+    km_main(["compare", str(root), "--out", str(tmp_path / "out"), "--doc", str(doc)])
+    capsys.readouterr()
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "the authors' score, computed as their code computes its published figure (NOT a bound" in md
+    head = next(line for line in md.splitlines() if line.startswith("| data |"))
+    assert "test/authors_score" in [c.strip() for c in head.split("|")]
+    gpm_row = next(line for line in md.splitlines() if "| gpm |" in line)
+    assert "182.00 ± 1.00" in gpm_row  # the authors' column, mean ± std over the three seeds
+    omniglot, mnist = doc.read_text().split("**omniglot**")[1], doc.read_text().split("**mnist**")[1].split("**")[0]
+    assert "authors' score [nats/image]" in omniglot.split("\n\n")[1]
+    assert "authors'" not in mnist  # no run of that data set reports one: no empty column

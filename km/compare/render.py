@@ -119,6 +119,8 @@ def _doc_header(name: str, unit: str) -> str:
     split, protocol, part = classify(name)
     if protocol == "other":
         return f"{name} [{unit}]"
+    if protocol == "authors":
+        return f"authors' score{' (class)' if is_class_split(split) else ''} [{unit}]"
     per = "/T" if protocol == "joint" else "/target"
     sample = re.fullmatch(r"nll_is(\d+)", part)
     what = {"neg_elbo": f"-ELBO{per}", "score": "", "recon": "recon", "kl": "KL"}.get(part)
