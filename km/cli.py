@@ -192,7 +192,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         model, x[:1], args.iters, run_dir / "samples" / f"conditional_iters{args.iters}.png", title=title
     )
     print(
-        f"samples: {path}  (rows: conditioning episode, one-shot samples, after 1..{args.iters} reads, prior samples)"
+        f"samples: {path}  (rows: conditioning episode, its reconstruction, one-shot samples, after 1..{args.iters} reads, prior samples)"
     )
     heat = addressing_heatmap(model, x, run_dir / "samples" / "addressing.png")
     if heat:
@@ -306,7 +306,11 @@ STUDY_HELP: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         [
             ("--T", "8,16,32,64,128", "items stored per episode, a comma list"),
             ("--episodes", "16", "episodes per T"),
-            ("--noise", "0.15", "pixel flip probability of the cues, in [0, 1]"),
+            (
+                "--noise",
+                "0.15",
+                "pixel flip probability of the cues (binary data) or std of the Gaussian noise added (colour), in [0, 1]",
+            ),
             ("--iters", "1", "reads of each cue"),
         ],
     ),

@@ -276,8 +276,22 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
         node = OmegaConf.select(schema, parent) if parent else schema
         valid = ", ".join(_keys(node))
         where = f"under '{parent}'" if parent else "at top level"
-        return f"unknown config key '{key}'; valid keys {where}: {valid}"
+        return f"unknown config key '{key}'; valid keys {where}: {valid}{_hint(key)}"
     return f"bad value for '{key}': {msg}" if key else msg
+
+
+# keys users reach for that the platform decides from something else: the reason, after the valid keys
+KEY_HINTS = {
+    "likelihood": "the likelihood follows from the data set (Bernoulli for the binary mnist and omniglot, "
+    "discretised logistic for 8-bit colour cifar10); it is not an option",
+    "in_channels": "the image channels follow from the data set (1 for mnist and omniglot, 3 for cifar10)",
+    "channels_in": "the image channels follow from the data set (1 for mnist and omniglot, 3 for cifar10)",
+}
+
+
+def _hint(key: str) -> str:
+    hint = KEY_HINTS.get(key.rsplit(".", 1)[-1])
+    return f" ({hint})" if hint else ""
 
 
 def _group_options(group: str) -> list[str]:
@@ -338,7 +352,7 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
         node = OmegaConf.select(base, parent) if parent else base
         if isinstance(node, DictConfig):
             where = f"under '{parent}'" if parent else "at top level"
-            return f"unknown config key '{key}'; valid keys {where}: {', '.join(_keys(node))}"
+            return f"unknown config key '{key}'; valid keys {where}: {', '.join(_keys(node))}{_hint(key)}"
     if "LexerNoViableAlt" in text or "LexerNoViableAlt" in type(e.__cause__ or e).__name__:
         odd = [o for o in overrides if not o.isascii()]
         what = f"'{odd[0]}'" if odd else "an override"

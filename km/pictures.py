@@ -126,10 +126,13 @@ def denoise_chain(
 def sample_chain(
     model: Any, x: torch.Tensor, iters: int, path: Path, columns: int = 12, title: str | None = None
 ) -> Path:
-    """Condition on episode x (1, T, ...): PNG rows = the episode, one-shot samples from its memory,
-    then those samples after 1..n iterative reads, and a last row of samples from the prior memory."""
+    """Condition on episode x (1, T, ...): PNG rows = the episode, its reconstruction (read from that memory),
+    one-shot samples from its memory, those samples after 1..n iterative reads, and a last row of samples from
+    the prior memory: the four pictures a researcher looks at first (test episode, reconstruction, memory
+    samples, prior samples), on binary and colour data alike."""
     model.eval()
     memory = model.write(x)
+    recon = model.mean_image(model.read(x, memory))[:, :columns]  # (1, columns, C, H, W)
     samples = model.generate(memory, columns, batch=1)  # (1, n, C, H, W)
     chain = model.denoise(samples, memory, iters) if iters else []
     prior = model.generate(None, columns, batch=1)
@@ -137,6 +140,7 @@ def sample_chain(
     return labelled_grid(
         [
             ("conditioning episode (written to memory)", x[0, :columns]),
+            ("reconstruction from its memory" if memory is not None else "reconstruction", recon[0]),
             (f"one-shot samples from {src}", samples[0]),
             *[(f"samples after {i} read(s)", c[0]) for i, c in enumerate(chain, 1)],
             ("samples from the prior memory" if memory is not None else "samples from the prior", prior[0]),

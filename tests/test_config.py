@@ -34,6 +34,15 @@ def test_overrides_are_applied_and_typed() -> None:
         ),
         ("trainer.max_epoch=3", "valid keys under 'trainer': accelerator"),
         ("seeed=3", "unknown config key 'seeed'; valid keys at top level:"),
+        (
+            "data=cifar10 data.likelihood=bernoulli",
+            "(the likelihood follows from the data set (Bernoulli for the binary",
+        ),
+        (
+            "data=omniglot model.likelihood=logistic",
+            "discretised logistic for 8-bit colour cifar10); it is not an option)",
+        ),
+        ("data=cifar10 net.in_channels=1", "(the image channels follow from the data set (1 for mnist and omniglot"),
         ("model=vaee", "unknown model 'vaee'; valid options: "),
         ("data=mnistt", "unknown data 'mnistt'; valid options: cifar10, mnist, omniglot"),
         ("trainer.max_epochs=abc", "bad value for 'trainer.max_epochs'"),

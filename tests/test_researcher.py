@@ -84,6 +84,7 @@ def test_pictures_say_what_whose_and_when(tmp_path: Path, capsys) -> None:
     assert text["Title"].startswith("KanervaMachine (km) | run default/pic | checkpoint of epoch 1, step 8 |")
     assert text["Description"].splitlines() == [
         "conditioning episode (written to memory)",
+        "reconstruction from its memory",
         "one-shot samples from its memory",
         "samples after 1 read(s)",
         "samples after 2 read(s)",

@@ -76,6 +76,22 @@ def test_capacity_of_an_exact_memory_is_one_and_of_a_shuffled_one_chance():
     assert "T=8 err / acc" in res.table and "chance accuracy" in res.table
 
 
+def test_capacity_on_colour_images_says_noise_and_mean_absolute_error():
+    """On 8-bit colour data (StudyRun.binary False) the cues get Gaussian noise, not flips, and the error is the
+    mean |read - item| per sub-pixel: the table says so, and an exact memory still scores accuracy 1, error 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8, generator=g)
+    run = StudyRun(label="exact", model=_Lookup("nearest"), x_test=x, y_test=torch.arange(64) % 4, data="toy",
+                   memory="test", binary=False)  # fmt: skip
+    res = study.capacity([run], Ts=(4, 8), episodes=4, noise=0.1, corruptions=("flip", "none"))
+    by = {(r["model"], r["corruption"], r["T"]): r for r in res.rows}
+    assert by[("exact", "none", 8)]["pixel_error"] == 0.0 and by[("exact", "flip", 8)]["accuracy"] == 1.0
+    noisy = by[("query (no read)", "flip", 8)]["pixel_error"]
+    assert 0.05 < noisy < 0.1  # E|N(0, 0.1^2)| = 0.08, a little less where clamped at 0 or 1
+    assert "N(0, 0.1^2) added to every sub-pixel" in res.header and "mean |read - item| per sub-pixel" in res.header
+    assert "flipped" not in res.header and "thresholded" not in res.header
+
+
 def test_end_point_classes():
     x, _ = _images(4 * 8)
     items = x.view(4, 8, *SHAPE)

@@ -42,7 +42,13 @@ GROUP_RANK = {
     (False, "other"): 8,
     (True, "other"): 9,
 }
-CORE_PART_RANK = {"joint": 3, "memory_conditional": 0, "heldout": 1, "authors": 0, "other": -1}  # table.md shows ranks <= this
+CORE_PART_RANK = {
+    "joint": 3,
+    "memory_conditional": 0,
+    "heldout": 1,
+    "authors": 0,
+    "other": -1,
+}  # table.md shows ranks <= this
 
 
 def classify(name: str) -> tuple[str, str, str]:

@@ -115,18 +115,28 @@ def capacity(
                             "chance": 1 / T,
                         }
                     )
+    flip_text = (
+        f"flip: {noise:g} of pixels flipped"
+        if binary
+        else f"noise: N(0, {noise:g}^2) added to every sub-pixel, clamped to [0, 1]"
+    )
+    error_text = (
+        "pixel error: fraction of pixels wrong (read thresholded at 0.5)"
+        if binary
+        else "pixel error: mean |read - item| per sub-pixel (intensities in [0, 1]; colour data has no threshold)"
+    )
     header = (
         f"**capacity** on {data} test images: {episodes} episodes of T distinct items per T (seed {seed}), "
         f"each written to a fresh memory; every item cued with a corrupted copy ("
         + ", ".join(
             {
-                "flip": f"flip: {noise:g} of pixels flipped",
+                "flip": flip_text,
                 "blank": "blank: bottom half set to 0",
                 "none": "none: the clean item",
             }[c]
             for c in corruptions
         )
-        + f"), read {iters}x. pixel error: fraction of pixels wrong (read thresholded at 0.5) against the "
+        + f"), read {iters}x. {error_text} against the "
         "item's own stored copy; accuracy: fraction of reads nearer (L1/pixel) to their own item than to any "
         "other item of the episode (chance 1/T). 'query (no read)': the corrupted cue itself. KM and PKM read "
         "through q(z | x, y, M), which also sees the cue bottom-up; their 'w^T M read' rows decode the memory's "
@@ -173,8 +183,10 @@ def capacity(
                 for i, key in enumerate(("pixel_error", "accuracy")):
                     axes[i, j].plot([s["T"] for s in sel], [s[key] for s in sel], label=m, **style)
             axes[1, j].plot(Ts, [1 / T for T in Ts], color="black", linestyle="-.", lw=1, label="chance (1/T)")
-            what = {"flip": f"{noise:g} pixel flips", "blank": "bottom half blanked", "none": "clean cue"}[c]
-            axes[0, j].set(title=f"cue: {what}", ylabel="retrieval pixel error (fraction of pixels)", xscale="log")
+            flips = f"{noise:g} pixel flips" if binary else f"Gaussian noise, std {noise:g}"
+            what = {"flip": flips, "blank": "bottom half blanked", "none": "clean cue"}[c]
+            err_label = "(fraction of pixels)" if binary else "(mean |read - item| per sub-pixel)"
+            axes[0, j].set(title=f"cue: {what}", ylabel=f"retrieval pixel error {err_label}", xscale="log")
             axes[1, j].set(
                 xlabel="items stored T (log scale)",
                 ylabel="retrieval accuracy (fraction of items)",

@@ -139,7 +139,9 @@ def memory_runs(runs: list[StudyRun], study: str) -> list[StudyRun]:
 
 def check_noise(noise: float) -> None:
     if not 0 <= noise <= 1:
-        raise StudyError(f"--noise {noise}: a corruption level (pixel flip probability) must be in [0, 1]")
+        raise StudyError(
+            f"--noise {noise}: a corruption level (pixel flip probability, or noise std on colour data) must be in [0, 1]"
+        )
 
 
 def check_feedbacks(feedbacks: tuple[str, ...]) -> None:
