@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = needs_data
 
 
+def _default_sigint() -> None:
+    """A suite started in the background (`cmd &` in a script, nohup) hands its children SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler: give the trainer the SIGINT a terminal user's has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    kw.setdefault("preexec_fn", _default_sigint)
     return subprocess.Popen(
         [sys.executable, "-m", "km.cli", *args],
         cwd=ROOT,
