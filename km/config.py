@@ -281,11 +281,12 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
 
 
 # keys users reach for that the platform decides from something else: the reason, after the valid keys
+_CHANNELS_HINT = "the image channels follow from the data set (1 for mnist and omniglot, 3 for cifar10)"
 KEY_HINTS = {
     "likelihood": "the likelihood follows from the data set (Bernoulli for the binary mnist and omniglot, "
     "discretised logistic for 8-bit colour cifar10); it is not an option",
-    "in_channels": "the image channels follow from the data set (1 for mnist and omniglot, 3 for cifar10)",
-    "channels_in": "the image channels follow from the data set (1 for mnist and omniglot, 3 for cifar10)",
+    "in_channels": _CHANNELS_HINT,
+    "channels_in": _CHANNELS_HINT,
 }
 
 
