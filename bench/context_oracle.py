@@ -71,8 +71,8 @@ def oracle_savings(mu: torch.Tensor, var: torch.Tensor, n_targets: int) -> dict[
 
 
 @torch.no_grad()
-def codes(target: str, episodes: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    """The run's codes (mu, var) on its first `episodes` one-character test episodes, n targets, its config."""
+def codes(target: str, episodes: int):
+    """The run's codes (mu, var) on its first `episodes` one-character test episodes, n targets, the loaded Run."""
     import km
 
     try:
@@ -87,7 +87,7 @@ def codes(target: str, episodes: int) -> tuple[torch.Tensor, torch.Tensor, int, 
         mu, log_sigma = model.bottom_up(model.encode_images(x))
     else:
         fail(f"{target}: a {run.config.model.name} run has no per-image Gaussian code this oracle can read")
-    return mu, (2 * log_sigma).exp(), model.heldout_n(x.shape[1]), run.config
+    return mu, (2 * log_sigma).exp(), model.heldout_n(x.shape[1]), run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | model | steps | T | n | active dims | KL_z vs N(0,I) | scalar | per-dim | per-dim, shrunk |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in args.runs:
-        mu, var, n, cfg = codes(r, args.episodes)
+        from km.runs import read_meta
+
+        mu, var, n, run = codes(r, args.episodes)
         s = oracle_savings(mu, var, n)
-        steps = cfg.trainer.max_epochs * cfg.data.train_episodes_per_epoch // cfg.data.batch_size
+        steps, cfg = read_meta(run.run_dir).get("steps", "?"), run.config  # steps trained, as run.json records them
         print(
             f"| {r} | {cfg.model.name} | {steps} | {mu.shape[1]} | {n} | {s['active_dims']} | {s['kl_std']:.2f} "
             f"| {s['scalar']:.2f} | {s['per_dim']:.2f} | {s['per_dim_shrunk']:.2f} |",
