@@ -100,21 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     for r in args.runs:
         if not Path(r).exists():
             fail(f"no run at {r}")
+    threads = torch.get_num_threads()  # restored on return: a caller (a test, a notebook) keeps its arithmetic
     torch.set_num_threads(1)
-    print(f"KL saved per target image (nats) by an oracle Gaussian context prior; threads 1, {args.episodes} episodes")
-    print("| run | model | steps | T | n | active dims | KL_z vs N(0,I) | scalar | per-dim | per-dim, shrunk |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in args.runs:
-        from km.runs import read_meta
-
-        mu, var, n, run = codes(r, args.episodes)
-        s = oracle_savings(mu, var, n)
-        steps, cfg = read_meta(run.run_dir).get("steps", "?"), run.config  # steps trained, as run.json records them
+    try:
         print(
-            f"| {r} | {cfg.model.name} | {steps} | {mu.shape[1]} | {n} | {s['active_dims']} | {s['kl_std']:.2f} "
-            f"| {s['scalar']:.2f} | {s['per_dim']:.2f} | {s['per_dim_shrunk']:.2f} |",
-            flush=True,
+            f"KL saved per target image (nats) by an oracle Gaussian context prior; threads 1, {args.episodes} episodes"
         )
+        print("| run | model | steps | T | n | active dims | KL_z vs N(0,I) | scalar | per-dim | per-dim, shrunk |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in args.runs:
+            from km.runs import read_meta
+
+            mu, var, n, run = codes(r, args.episodes)
+            s = oracle_savings(mu, var, n)
+            steps, cfg = read_meta(run.run_dir).get("steps", "?"), run.config  # steps trained, as run.json records them
+            print(
+                f"| {r} | {cfg.model.name} | {steps} | {mu.shape[1]} | {n} | {s['active_dims']} | {s['kl_std']:.2f} "
+                f"| {s['scalar']:.2f} | {s['per_dim']:.2f} | {s['per_dim_shrunk']:.2f} |",
+                flush=True,
+            )
+
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     from km.runs import RunError
 
+    threads = torch.get_num_threads()  # restored on return: a caller (a test, a notebook) keeps its arithmetic
+    torch.set_num_threads(args.threads)
     try:
         rows = [(r, code_table(r, args.noise, args.episodes)) for r in args.runs]
     except RunError as e:  # a missing or unreadable run: one line
         fail(str(e))
+    finally:
+        torch.set_num_threads(threads)
     cols = list(rows[0][1])
     print(f"DKM codes: {args.episodes} MNIST test episodes, queries with {args.noise:.0%} of pixels flipped")
     print("| run | " + " | ".join(cols) + " |")

@@ -67,6 +67,21 @@ def learning_run(tmp_path: Path, model: str, *extra: str, epochs: int = 3) -> li
 
 
 @pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """A test that leaves torch's thread count changed fails here (and the count is put back): later in-process
+    runs would compute with other threads than the subprocesses they are compared with, and the bit-exact
+    resume tests then differ in the last bits (CI at stop 34: bench/context_oracle.py set 1 thread for good)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test left torch's thread count at {after} (it was {before})")
+
+
+@pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
