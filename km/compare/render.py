@@ -382,12 +382,14 @@ def plot_budgets(agg: dict[str, Any], out: Path) -> list[Path]:
     episodes), nats (or bits) against optimiser steps on a log axis, a line per (model, training episodes),
     error bars = sample std over seeds, n per point in the legend. Only data sets with a budget study."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     paths = []
     for data, lines in sorted(budget_lines(agg).items()):
         unit = agg["units"].get(data, DEFAULT_UNIT)
-        fig = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
+        fig = Figure(figsize=(13, 4.6), dpi=110, layout="constrained")
         axes = fig.subplots(1, len(BUDGET_PANELS))
+        budgets = sorted({g["steps_values"][0] for gs in lines.values() for g in gs})
         for ax, metric in zip(axes, BUDGET_PANELS, strict=True):
             for i, ((model, episodes), gs) in enumerate(sorted(lines.items())):
                 pts = [(g["steps_values"][0], g["metrics"][metric], g["n"]) for g in gs if metric in g["metrics"]]
@@ -400,11 +402,15 @@ def plot_budgets(agg: dict[str, Any], out: Path) -> list[Path]:
                 ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=f"C{i % 10}",
                             label=f"{model}, {episodes} (n={ns})")  # fmt: skip
             ax.set_xscale("log")
+            ax.set_xticks(budgets, [f"{b:,.0f}" for b in budgets], fontsize=8)  # the budgets trained, no crowding
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("optimiser steps (log)")
             ax.set_title(textwrap.fill(f"{metric}: {describe(metric)}", 42), fontsize=8)
             ax.grid(alpha=0.3, which="both")
         axes[0].set_ylabel(f"{unit} (mean ± std over seeds)")
-        axes[-1].legend(fontsize=7, title="model, training episodes (n = seeds per budget)", title_fontsize=7)
+        handles, labels = axes[0].get_legend_handles_labels()  # below the panels: over one it hides its points
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)), fontsize=7,
+                   title="model, training episodes (n = seeds per budget)", title_fontsize=7)  # fmt: skip
         fig.suptitle(f"{data}: the protocols against the training budget", fontsize=10)
         p = out / f"budget_{_safe(data)}.png"
         fig.savefig(p)
