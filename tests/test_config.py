@@ -213,3 +213,25 @@ def test_a_resumed_run_checks_options_against_its_own_model(tmp_path: Path) -> N
     assert _saved_choices(["resume=auto"]) == [] and _saved_choices(["model=km"]) == []
     cfg = compose_config([*_saved_choices([f"resume={run}"]), f"resume={run}", "model.query_noise=0.3"])
     assert cfg.model.name == "dkm" and cfg.model.query_noise == 0.3
+
+
+@pytest.mark.parametrize(
+    "recipe, base, overrides",
+    [
+        (
+            "fewshot_km_omniglot",
+            "cpu_km_omniglot",
+            ["data.episodes=class", "model.code_dim=32", "trainer.max_epochs=30"],
+        ),
+        ("fewshot_vae_omniglot", "cpu_vae_omniglot", ["model.code_dim=32", "trainer.max_epochs=30"]),
+    ],
+)
+def test_the_fewshot_recipes_are_the_override_runs_they_name(recipe: str, base: str, overrides: list[str]) -> None:
+    """The named recipe trains exactly what the committed runs (docs/results/run_files/ablation1200_cpu) trained
+    with the overrides written out, the name aside."""
+    from omegaconf import OmegaConf
+
+    a = OmegaConf.to_container(compose_config([f"experiment={recipe}"]))
+    b = OmegaConf.to_container(compose_config([f"experiment={base}", *overrides]))
+    assert a.pop("name") == recipe and b.pop("name") == base
+    assert a == b
