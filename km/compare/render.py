@@ -434,7 +434,10 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
     if not per:
         return None
     datas = sorted(per)
-    widths = [max(2.2, 0.9 * len(per[d]) + 1.2) for d in datas]
+    ticks = {id(g): textwrap.fill(g["label"], 18) + f"\nn={g['n']}" for gs in per.values() for g in gs}
+    # a bar's share of the width fits its wrapped label (about 0.075 inch a character at fontsize 8): no overlap
+    bar_in = max(0.9, 0.075 * max(len(line) for t in ticks.values() for line in t.splitlines()) + 0.15)
+    widths = [max(2.2, bar_in * len(per[d]) + 1.2) for d in datas]
     fig = Figure(figsize=(max(5.0, sum(widths) + 0.6), 4.2), dpi=120, layout="constrained")
     axes = fig.subplots(1, len(datas), squeeze=False, width_ratios=widths)[0]
     for ax, data in zip(axes, datas, strict=True):
@@ -465,7 +468,7 @@ def plot_bars(agg: dict[str, Any], out: Path) -> Path | None:
         dec = _decimals(gs[0]["unit"])
         for x, m, s in zip(xs, means, stds, strict=True):
             ax.text(x, m + s + 0.04 * span, f"{m:.{dec}f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(xs, [f"{g['label']}\nn={g['n']}" for g in gs], fontsize=8)
+        ax.set_xticks(xs, [ticks[id(g)] for g in gs], fontsize=8)
         ax.set_title(data)
         ax.set_ylabel(textwrap.fill(bar_label(metric, gs[0]["unit"]), 50), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
