@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in args.runs:
         if not Path(r).exists():
             fail(f"no run at {r}")
-    threads = torch.get_num_threads()  # restored on return: a caller (a test, a notebook) keeps its arithmetic
-    torch.set_num_threads(1)
-    try:
+    from km.threads import torch_threads
+
+    with torch_threads(1):  # the caller's count is put back (a test, a notebook)
         print(
             f"KL saved per target image (nats) by an oracle Gaussian context prior; threads 1, {args.episodes} episodes"
         )
@@ -119,9 +119,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {s['scalar']:.2f} | {s['per_dim']:.2f} | {s['per_dim_shrunk']:.2f} |",
                 flush=True,
             )
-
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

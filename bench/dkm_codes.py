@@ -81,15 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from km.runs import RunError
+    from km.threads import torch_threads
 
-    threads = torch.get_num_threads()  # restored on return: a caller (a test, a notebook) keeps its arithmetic
-    torch.set_num_threads(args.threads)
     try:
-        rows = [(r, code_table(r, args.noise, args.episodes)) for r in args.runs]
+        with torch_threads(args.threads):  # the caller's count is put back (a test, a notebook)
+            rows = [(r, code_table(r, args.noise, args.episodes)) for r in args.runs]
     except RunError as e:  # a missing or unreadable run: one line
         fail(str(e))
-    finally:
-        torch.set_num_threads(threads)
     cols = list(rows[0][1])
     print(f"DKM codes: {args.episodes} MNIST test episodes, queries with {args.noise:.0%} of pixels flipped")
     print("| run | " + " | ".join(cols) + " |")

@@ -54,6 +54,7 @@ from km.runs import (
     truncate_metrics,
     write_meta,
 )
+from km.threads import torch_threads
 
 
 def tensorboard_logger(run_dir: Path) -> Any:
@@ -308,12 +309,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]
 
     trainer.num_threads applies to this run only: the caller's torch thread count is restored on return, so
     one run in a notebook or a test does not change the arithmetic (and the last bits) of the next."""
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads():
         return _run(cfg, overrides)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def _run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -445,3 +445,20 @@ def test_tensorboard_logger_writes_the_same_metric_names(tmp_path: Path, monkeyp
     with pytest.raises(ConfigError, match="needs the tensorboard package"):
         train(compose_config(tiny(tmp_path, "trainer.max_epochs=1", "logger=tensorboard", "run_id=no_tb")))
     assert not (tmp_path / "runs" / "default" / "no_tb").exists()
+
+
+def test_torch_threads_puts_the_callers_count_back_whatever_the_body_set() -> None:
+    from km.threads import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            torch.set_num_threads(2)  # the body changes it again (a run inside a study)
+        assert torch.get_num_threads() == 3
+        with torch_threads():  # None: the count is left as it is, and put back after
+            torch.set_num_threads(1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

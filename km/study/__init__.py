@@ -26,8 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from km.study.addressing import (  # noqa: F401 - re-exported
     address_spread,
     addressing,
@@ -79,6 +77,7 @@ from km.study.oneshot import (  # noqa: F401 - re-exported
     nearest_class_fractions,
     oneshot,
 )
+from km.threads import torch_threads
 
 # ---------------------------------------------------------------------------------------------
 # CLI
@@ -111,8 +110,11 @@ def run_study(name: str, runs: list[StudyRun], out: Path, tag: str | None = None
 
 
 def main(args: Any) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):  # the caller's count is put back (a study run in-process)
+        _main(args)
+
+
+def _main(args: Any) -> None:
     check_noise(args.noise)
     kw: dict[str, Any] = {"seed": args.seed}
     if args.T is not None:
