@@ -26,16 +26,11 @@ change). Measured numbers and commands: docs/results.md, "The one-character goal
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-
-def fail(msg: str) -> None:
-    """A user error: one line, exit code 2 (the project's convention)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+from km.cli import fail
 
 
 def gaussian_kl(mu_q, var_q, mu_p, var_p) -> torch.Tensor:

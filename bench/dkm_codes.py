@@ -18,15 +18,10 @@ T (the attractor study's: random test items, seed 0), memory written clean:
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-
-def fail(msg: str) -> None:
-    """A user error: one line, exit code 2 (the project's convention)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+from km.cli import fail
 
 
 def code_table(target: str, noise: float, episodes: int) -> dict[str, float]:

@@ -29,7 +29,9 @@ import textwrap
 from pathlib import Path
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def fail(msg: str, code: int = 2) -> None:
+    """A user error (code 2, the default) or a diverged run (3): one line on stderr, then exit. The bench
+    scripts use it too, so every command of the project fails the same way."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -56,15 +58,15 @@ def check_run_path(target: str, prefix: str = "") -> None:
     (well under a second): it exists, and a folder is a run, not a folder of runs (those are listed)."""
     p = Path(target)
     if not p.exists():
-        _fail(f"{prefix}no such run directory or checkpoint: {p}")
+        fail(f"{prefix}no such run directory or checkpoint: {p}")
     if p.is_dir() and not (p / "config.yaml").is_file() and not (p / "checkpoints").is_dir():
         runs = sorted(str(c.parent.relative_to(p)) for c in p.glob("**/config.yaml") if "wandb" not in c.parts)
         if runs:
             shown = ", ".join(runs[:6]) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
-            _fail(
+            fail(
                 f"{p} is a folder of {len(runs)} runs, not a run: {shown}; give one of them (km compare takes the folder)"
             )
-        _fail(f"{p} holds no run (no config.yaml, no checkpoints/)")
+        fail(f"{p} holds no run (no config.yaml, no checkpoints/)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -125,10 +127,10 @@ def _check_counts(args: argparse.Namespace) -> None:
         v = getattr(args, key, None)
         if v is not None and v < low:
             opt = "--" + key.replace("_", "-")
-            _fail(f"{opt} {v}: the number of {what} must be >= {low}")
+            fail(f"{opt} {v}: the number of {what} must be >= {low}")
     noise = getattr(args, "noise", None)
     if noise is not None and not 0 <= noise <= 1:
-        _fail(f"--noise {noise}: a pixel flip probability (binary data) or noise std must be in [0, 1]")
+        fail(f"--noise {noise}: a pixel flip probability (binary data) or noise std must be in [0, 1]")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -213,7 +215,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     try:
         main(args)
     except StudyError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def cmd_campaign(args: argparse.Namespace) -> None:
@@ -222,7 +224,7 @@ def cmd_campaign(args: argparse.Namespace) -> None:
     try:
         main(args)
     except CampaignError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -238,7 +240,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     names = args.names or NAMES
     for n in names:
         if n not in DEFAULT_FILES:
-            _fail(f"unknown data set '{n}'; valid: {', '.join(NAMES)}")
+            fail(f"unknown data set '{n}'; valid: {', '.join(NAMES)}")
     if args.action == "download":
         from datamodules.download import download
 
@@ -294,7 +296,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format: one `error:` line naming the command's --help, exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        _fail(f"{message} (see: {self.prog} --help)")
+        fail(f"{message} (see: {self.prog} --help)")
 
 
 STUDY_NAMES = ("capacity", "attractors", "oneshot", "addressing", "allocation")  # km.study.STUDIES
@@ -434,16 +436,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except RunInterrupted as e:
-        _fail(str(e), code=e.code)
+        fail(str(e), code=e.code)
     except (ConfigError, RunError, DataError) as e:
-        _fail(str(e))
+        fail(str(e))
     except NonFiniteLossError as e:
-        _fail(f"training stopped: {e}", code=3)
+        fail(f"training stopped: {e}", code=3)
     except KeyboardInterrupt:
-        _fail("interrupted; continue with: km train resume=<run dir>", code=130)
+        fail("interrupted; continue with: km train resume=<run dir>", code=130)
     except OSError as e:  # the file system said no (a full disk, a read-only folder, a path that is a file)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        _fail(f"{e.strerror or type(e).__name__}{where}; nothing was lost: the files written before are intact")
+        fail(f"{e.strerror or type(e).__name__}{where}; nothing was lost: the files written before are intact")
 
 
 if __name__ == "__main__":
