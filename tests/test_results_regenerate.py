@@ -24,20 +24,25 @@ def _block(text: str) -> list[str]:
     return [x for x in body.splitlines() if not x.startswith("Regenerate with `")]
 
 
+def _targets(argv: list[str]) -> list[str]:
+    """The run-file folders a `km compare` argv reads (its positional arguments, not the options' values); each
+    must be committed under docs/results/run_files/."""
+    value_of = {"--by", "--out", "--metric", "--doc"}
+    targets = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and argv[i - 1] not in value_of]
+    assert targets and all(t.startswith("docs/results/run_files/") and (ROOT / t).is_dir() for t in targets), targets
+    return targets
+
+
 def test_the_committed_tables_are_what_km_compare_makes_from_the_committed_run_files(tmp_path: Path, capsys) -> None:
     text = DOC.read_text()
     m = re.search(r"Regenerate with `(km compare [^`]+)`", text)
     assert m, "docs/results.md has no generated block"
     argv = shlex.split(m.group(1))[1:]
-    targets = [
-        a for a in argv[1:] if not a.startswith("--") and argv[argv.index(a) - 1] not in ("--by", "--out", "--doc")
-    ]
-    assert targets and all(t.startswith("docs/results/run_files/") for t in targets), targets
-    assert all((ROOT / t).is_dir() for t in targets)
+    targets = _targets(argv)
     doc = tmp_path / "results.md"
     shutil.copy(DOC, doc)
     out = tmp_path / "out"
-    args = [a for a in argv]
+    args = list(argv)
     args[args.index("--out") + 1] = str(out)
     args[args.index("--doc") + 1] = str(doc)
     args = [str(ROOT / a) if a in targets else a for a in args]
@@ -68,9 +73,7 @@ def test_each_sections_table_is_what_its_command_makes(section: str, tmp_path: P
     cmds = _section_commands(DOC.read_text())
     assert section in cmds, f"docs/results.md gives no one-line `km compare ... --out {section}` command"
     argv = cmds[section]
-    value_of = {"--by", "--out", "--metric", "--doc"}
-    targets = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and argv[i - 1] not in value_of]
-    assert targets and all(t.startswith("docs/results/run_files/") and (ROOT / t).is_dir() for t in targets), targets
+    targets = _targets(argv)
     args = [str(ROOT / a) if a in targets else a for a in argv]
     args[args.index("--out") + 1] = str(tmp_path)
     main(args)
