@@ -15,12 +15,12 @@ read at 0.5 and counts differing pixels). Printed for the grey MNIST test set (1
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
 from datamodules.mnist import read_idx
 from datamodules.paths import DataError, resolve_data_dir
+from km.cli import fail
 
 
 def main() -> None:
@@ -30,13 +30,9 @@ def main() -> None:
     try:
         f = resolve_data_dir(a.data) / "MNIST/raw/t10k-images-idx3-ubyte.gz"
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
     if not f.is_file():
-        print(
-            f"error: {f} not found (the grey MNIST test set; point --data or KM_DATA_DIR at the data)", file=sys.stderr
-        )
-        raise SystemExit(2)
+        fail(f"{f} not found (the grey MNIST test set; point --data or KM_DATA_DIR at the data)")
     g = read_idx(f).reshape(-1, 784) / 255.0
     print(f"grey MNIST test digits: {len(g)}")
     print(f"floor (binarised digit vs ideal digit, fraction of pixels): {np.minimum(g, 1 - g).mean():.4f}")

@@ -33,25 +33,33 @@ def _targets(argv: list[str]) -> list[str]:
     return targets
 
 
+def _runnable(argv: list[str], out: Path) -> list[str]:
+    """The argv with its run-file folders made absolute (the test runs from anywhere) and --out set to `out`."""
+    targets = _targets(argv)
+    args = [str(ROOT / a) if a in targets else a for a in argv]
+    args[args.index("--out") + 1] = str(out)
+    return args
+
+
+def _assert_tables_match(out: Path, committed: Path) -> None:
+    for name in ("table.md", "table.csv"):
+        made = (out / name).read_text().replace(str(ROOT) + "/", "")
+        assert made == (committed / name).read_text(), f"{committed.relative_to(ROOT)}/{name}"
+
+
 def test_the_committed_tables_are_what_km_compare_makes_from_the_committed_run_files(tmp_path: Path, capsys) -> None:
     text = DOC.read_text()
     m = re.search(r"Regenerate with `(km compare [^`]+)`", text)
     assert m, "docs/results.md has no generated block"
     argv = shlex.split(m.group(1))[1:]
-    targets = _targets(argv)
     doc = tmp_path / "results.md"
     shutil.copy(DOC, doc)
     out = tmp_path / "out"
-    args = list(argv)
-    args[args.index("--out") + 1] = str(out)
+    args = _runnable(argv, out)
     args[args.index("--doc") + 1] = str(doc)
-    args = [str(ROOT / a) if a in targets else a for a in args]
     main(args)
     assert _block(doc.read_text()) == _block(text)
-    committed = ROOT / "docs" / "results"
-    for name in ("table.md", "table.csv"):
-        made = (out / name).read_text().replace(str(ROOT) + "/", "")
-        assert made == (committed / name).read_text(), name
+    _assert_tables_match(out, ROOT / "docs" / "results")
 
 
 # The hand-written sections' generated tables: docs/results.md gives each one's `km compare` command on a line of
@@ -72,12 +80,6 @@ def _section_commands(text: str) -> dict[str, list[str]]:
 def test_each_sections_table_is_what_its_command_makes(section: str, tmp_path: Path, capsys) -> None:
     cmds = _section_commands(DOC.read_text())
     assert section in cmds, f"docs/results.md gives no one-line `km compare ... --out {section}` command"
-    argv = cmds[section]
-    targets = _targets(argv)
-    args = [str(ROOT / a) if a in targets else a for a in argv]
-    args[args.index("--out") + 1] = str(tmp_path)
-    main(args)
+    main(_runnable(cmds[section], tmp_path))
     capsys.readouterr()
-    for name in ("table.md", "table.csv"):
-        made = (tmp_path / name).read_text().replace(str(ROOT) + "/", "")
-        assert made == (ROOT / section / name).read_text(), f"{section}/{name}"
+    _assert_tables_match(tmp_path, ROOT / section)

@@ -73,9 +73,9 @@ only (plus torch-free km modules): `km sweep start/status` never load torch.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from km.cli import fail
 from km.sweep.agent import (
     POLL_S,
     build_command,
@@ -202,5 +202,4 @@ def main(args: argparse.Namespace) -> None:
             if args.plot is not None:
                 print(f"plot: {status_plot(Path(args.target), Path(args.plot) if args.plot else None)}")
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
